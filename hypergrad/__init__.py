@@ -4,7 +4,7 @@
     ∇f(λ) = ∇_λ E + ∂_λ Φᵀ v,   (I − ∂_w Φᵀ) v = ∇_w E.
 
 Methods: :func:`itd`, :func:`truncated_itd`, :func:`checkpointed_itd`, :func:`forward_itd`,
-:func:`aid`; the implicit layer :func:`fixed_point`; lower-level solvers
+:func:`aid` and its CUDA-graphed form :class:`GraphedAID`; the implicit layer :func:`fixed_point`; lower-level solvers
 :class:`FixedPointIteration`, :class:`ClosedForm`; linear solvers :class:`Neumann`,
 :class:`CG`, :class:`NormalCG`, :class:`GMRES`, :class:`BiCGSTAB`, :class:`Dense`; stochastic
 hypergradients :func:`sid` and ``hypergrad.nsid.nsid``; the bilevel loop ``hypergrad.bilevel.bilevel``.
@@ -20,6 +20,7 @@ from hypergrad.checkpointed_itd import checkpointed_itd
 from hypergrad.contraction import contraction_factor
 from hypergrad.fixed_point_solvers import ClosedForm, FixedPointIteration, FixedPointSolver
 from hypergrad.forward_itd import forward_itd
+from hypergrad.graphed import GraphedAID
 from hypergrad.implicit import ImplicitStatus, fixed_point
 from hypergrad.itd import itd, truncated_itd
 from hypergrad.linear_solvers import CG, GMRES, BiCGSTAB, Dense, LinearSolver, Neumann, NormalCG, symmetry_gap
@@ -81,6 +82,7 @@ __all__ = [
     "FixedPointIteration",
     "FixedPointSolver",
     "GMRES",
+    "GraphedAID",
     "HypergradError",
     "HypergradInfo",
     "Hypergradient",

@@ -21,6 +21,7 @@ Memory is ``O(|w|)`` whatever the number of iterations. ``Φ`` and ``E`` must be
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.func import grad_and_value, vjp
@@ -77,13 +78,33 @@ def aid(
         inner_solution = as_solver(inner).solve(fixed_point_map, w0, lam, on_failure=on_failure)
         w = inner_solution.value
     w = tree_map(torch.Tensor.detach, w)
+    system = adjoint_system(fixed_point_map, outer_loss, w, lam)
+    linear = linear_solver.solve(system.operator, system.rhs, v0, on_failure=on_failure)
+    grad = assemble(fixed_point_map, w, lam, system.grad_lam, linear.value)
+    return Hypergradient(grad, HypergradInfo(w=w, value=system.value.detach(), inner=inner_solution, linear=linear))
+
+
+class AdjointSystem(NamedTuple):
+    """The pieces of ``(I − ∂_w Φᵀ) v = ∇_w E`` at ``(w, λ)``: ``operator(v) = v − ∂_w Φᵀ v``."""
+
+    operator: Callable[[PyTree], PyTree]
+    rhs: PyTree
+    grad_lam: PyTree
+    value: torch.Tensor
+
+
+def adjoint_system(fixed_point_map: FixedPointMap, outer_loss: OuterLoss, w: PyTree, lam: PyTree) -> AdjointSystem:
+    """Build ``v ↦ v − ∂_w Φ(w, λ)ᵀ v`` (one VJP per product, graph of ``Φ`` built once) and ``∇_w E, ∇_λ E, E``."""
     (grad_w, grad_lam), value = grad_and_value(outer_loss, argnums=(0, 1))(w, lam)
     _, vjp_w = vjp(lambda w_: fixed_point_map(w_, lam), w)
 
     def operator(v: PyTree) -> PyTree:
         return tree_sub(v, vjp_w(v)[0])
 
-    linear = linear_solver.solve(operator, grad_w, v0, on_failure=on_failure)
+    return AdjointSystem(operator, grad_w, grad_lam, value)
+
+
+def assemble(fixed_point_map: FixedPointMap, w: PyTree, lam: PyTree, grad_lam: PyTree, v: PyTree) -> PyTree:
+    """``∇f(λ) = ∇_λ E + ∂_λ Φ(w, λ)ᵀ v``."""
     _, vjp_lam = vjp(lambda lam_: fixed_point_map(w, lam_), lam)
-    grad = tree_add(grad_lam, vjp_lam(linear.value)[0])
-    return Hypergradient(grad, HypergradInfo(w=w, value=value.detach(), inner=inner_solution, linear=linear))
+    return tree_add(grad_lam, vjp_lam(v)[0])

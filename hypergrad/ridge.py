@@ -55,15 +55,25 @@ def _xt(X: Tensor, R: Tensor) -> Tensor:
 
 def ridge_system(X: Tensor, lam: Tensor | float, weights: Tensor | None = None) -> Tensor:
     """``A = XᵀΩX + λI`` ``[..., d, d]`` for rows ``X`` ``[..., n, d]`` and ``λ`` broadcastable to ``[...]``."""
-    gram = _xt(X * _weights(X, weights).unsqueeze(-1), X)
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
-    return gram + _lam(lam, X)[..., None, None] * eye
+    A = torch.einsum("...nd,...n,...ne->...de", X, _weights(X, weights), X)  # no copy of a broadcast X
+    A.diagonal(dim1=-2, dim2=-1).add_(_lam(lam, X)[..., None])
+    return A
 
 
 def ridge_gradient(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor) -> Tensor:
     """``∇_W L = XᵀΩ(XW − Y) + λW`` ``[..., d, k]`` without forming ``XᵀΩX``."""
     residual = (torch.einsum("...nd,...dk->...nk", X, W) - Y) * weights.unsqueeze(-1)
     return _xt(X, residual) + lam[..., None, None] * W
+
+
+def cholesky_apply(chol: Tensor, R: Tensor) -> Tensor:
+    """``A⁻¹R = C⁻ᵀ(C⁻¹R)`` for the lower Cholesky factor ``C`` of ``A`` (two triangular solves).
+
+    Unlike ``torch.cholesky_solve``, this copies neither ``C`` nor its batch (``C`` is read in
+    place: row-major ``C`` is column-major ``Cᵀ``), which halves the cost of the small batched
+    systems of :func:`ridge`.
+    """
+    return torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, R, upper=False), upper=True)
 
 
 def _cholesky(A: Tensor) -> Tensor:
@@ -82,7 +92,7 @@ def ridge_cholesky(X: Tensor, lam: Tensor | float, weights: Tensor | None = None
 def ridge_closed_form(X: Tensor, Y: Tensor, lam: Tensor | float, weights: Tensor | None = None) -> Tensor:
     """``W = A⁻¹XᵀΩY`` by a batched Cholesky solve, differentiated by ordinary autograd (the reference)."""
     chol = _cholesky(ridge_system(X, lam, weights))
-    return torch.cholesky_solve(_xt(X, Y * _weights(X, weights).unsqueeze(-1)), chol)
+    return cholesky_apply(chol, _xt(X, Y * _weights(X, weights).unsqueeze(-1)))
 
 
 def ridge_gradient_step(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor) -> Tensor:
@@ -94,11 +104,11 @@ def ridge_gradient_step(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: T
 
 def ridge_newton_step(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor, chol: Tensor) -> Tensor:
     """``Φ(W) = W − A₀⁻¹ ∇_W L(W)`` with ``A₀ = chol cholᵀ`` a constant."""
-    return W - torch.cholesky_solve(ridge_gradient(W, X, Y, lam, weights), chol.detach())
+    return W - cholesky_apply(chol.detach(), ridge_gradient(W, X, Y, lam, weights))
 
 
 def _newton_solution(W0: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor, chol: Tensor) -> Tensor:
-    return torch.cholesky_solve(_xt(X, Y * weights.unsqueeze(-1)), chol)
+    return cholesky_apply(chol, _xt(X, Y * weights.unsqueeze(-1)))
 
 
 def _gradient_solution(W0: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ MODULES = [
     "hypergrad.aid",
     "hypergrad.contraction",
     "hypergrad.fixed_point_solvers",
+    "hypergrad.graphed",
     "hypergrad.implicit",
     "hypergrad.itd",
     "hypergrad.linear_solvers.cg",

@@ -21,10 +21,11 @@ Success is judged on the true residual ``‖b − A x‖`` recomputed from the r
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,6 +49,32 @@ class Outcome(NamedTuple):
     breakdown: Tensor | bool
     nonfinite: Tensor | bool
     failure: Result = Result.breakdown
+
+
+class PendingSolution(NamedTuple):
+    """A solve's device tensors before the host reads them (see :meth:`LinearSolver.start`)."""
+
+    outcome: Outcome
+    tol: Tensor
+    unravel: Callable[[Tensor], PyTree]
+    solver: str
+
+    def finish(self, on_failure: OnFailure = "raise") -> Solution:
+        """Read the status on the host, classify it and apply the failure policy."""
+        outcome = self.outcome
+        residual = float(outcome.residual)
+        iterations = int(outcome.iterations)
+        history = history_to_host(outcome.history, iterations + 1)
+        if math.isfinite(residual) and residual <= float(self.tol):
+            result = Result.successful
+        elif bool(outcome.nonfinite) or not math.isfinite(residual):
+            result = Result.nonfinite_value
+        elif bool(outcome.breakdown):
+            result = outcome.failure
+        else:
+            result = Result.max_steps_reached
+        solution = Solution(self.unravel(outcome.x), result, Stats(iterations, residual, history))
+        return handle_failure(solution, on_failure, self.solver)
 
 
 def safe_denominator(d: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,6 +108,9 @@ class LinearSolver(abc.ABC):
     ridge: float = 0.0
     check_every: int | None = None
 
+    capturable: ClassVar[bool] = True
+    """Whether :meth:`start` makes no host read when ``check_every > maxiter`` (CUDA-graph safe)."""
+
     def __post_init__(self) -> None:
         if self.rtol < 0 or self.atol < 0:
             raise ValueError(f"rtol and atol must be >= 0, got rtol={self.rtol}, atol={self.atol}")
@@ -109,22 +139,62 @@ class LinearSolver(abc.ABC):
         """
         check_on_failure(on_failure)
         vec_b, unravel = tree_ravel(b)
-        if x0 is None:
-            vec_x0 = torch.zeros_like(vec_b)
-        else:
-            check_map_output(x0, b, "x0", "b")
-            vec_x0 = tree_ravel(x0)[0]
-        name = type(self).__name__
+        vec_x0 = self._initial_guess(b, x0, vec_b)
         if not (bool(torch.isfinite(vec_b).all()) and bool(torch.isfinite(vec_x0).all())):
             nan = float("nan")
             stats = Stats(0, nan, torch.full((1,), nan, dtype=torch.float64))
-            return handle_failure(Solution(unravel(vec_x0), Result.nonfinite_input, stats), on_failure, name)
+            return handle_failure(Solution(unravel(vec_x0), Result.nonfinite_input, stats), on_failure, self.name)
+        return self._start(matvec, b, unravel, vec_b, vec_x0, x0 is not None).finish(on_failure)
+
+    def start(self, matvec: Matvec, b: PyTree, x0: PyTree | None = None) -> PendingSolution:
+        """The device half of :meth:`solve`: run the loop, return its tensors unread.
+
+        Nothing is read on the host when :attr:`capturable` is true and ``check_every > maxiter``,
+        so the call can be captured in a CUDA graph; :meth:`PendingSolution.finish` then reads
+        the status once. Non-finite ``b`` or ``x0`` are not checked up front: they surface as
+        ``nonfinite_value``.
+        """
+        vec_b, unravel = tree_ravel(b)
+        vec_x0 = self._initial_guess(b, x0, vec_b)
+        return self._start(matvec, b, unravel, vec_b, vec_x0, x0 is not None)
+
+    def for_capture(self, matvec: Matvec, b: PyTree) -> LinearSolver:
+        """This solver with every host read moved out of :meth:`start`, for CUDA-graph capture.
+
+        One-time checks that need the host (e.g. :class:`~hypergrad.CG`'s symmetry probe) run now on
+        ``matvec``; the copy runs exactly ``maxiter`` steps (the steps after convergence are frozen
+        no-ops, so the solution is unchanged) and reads nothing until :meth:`PendingSolution.finish`.
+
+        Raises:
+            ValueError: if the solver cannot run without host reads (:class:`~hypergrad.GMRES`,
+                :class:`~hypergrad.Dense`).
+        """
+        if not self.capturable:
+            raise ValueError(
+                f"{self.name} reads the host inside its loop and cannot be captured in a CUDA graph; "
+                "use CG, NormalCG, BiCGSTAB or Neumann"
+            )
+        return dataclasses.replace(self, check_every=self.maxiter + 1)
+
+    @property
+    def name(self) -> str:
+        """The solver's class name, used in messages."""
+        return type(self).__name__
+
+    @staticmethod
+    def _initial_guess(b: PyTree, x0: PyTree | None, vec_b: Tensor) -> Tensor:
+        if x0 is None:
+            return torch.zeros_like(vec_b)
+        check_map_output(x0, b, "x0", "b")
+        return tree_ravel(x0)[0]
+
+    def _start(
+        self, matvec: Matvec, b: PyTree, unravel: Callable[[Tensor], PyTree], vec_b: Tensor, vec_x0: Tensor,
+        x_given: bool,
+    ) -> PendingSolution:
         operator = self._flat_operator(matvec, b, unravel)
-        b_norm = torch.linalg.vector_norm(vec_b)
-        tol = torch.clamp(self.rtol * b_norm, min=self.atol)
-        outcome = self._run(operator, vec_b, vec_x0, x0 is not None, tol)
-        solution = Solution(unravel(outcome.x), *self._classify(outcome, tol))
-        return handle_failure(solution, on_failure, name)
+        tol = torch.clamp(self.rtol * torch.linalg.vector_norm(vec_b), min=self.atol)
+        return PendingSolution(self._run(operator, vec_b, vec_x0, x_given, tol), tol, unravel, self.name)
 
     def _flat_operator(self, matvec: Matvec, b: PyTree, unravel: Callable[[Tensor], PyTree]) -> FlatOperator:
         checked = False
@@ -139,21 +209,6 @@ class LinearSolver(abc.ABC):
             return vec + self.ridge * v if self.ridge else vec
 
         return operator
-
-    @staticmethod
-    def _classify(outcome: Outcome, tol: Tensor) -> tuple[Result, Stats]:
-        residual = float(outcome.residual)
-        iterations = int(outcome.iterations)
-        history = history_to_host(outcome.history, iterations + 1)
-        if math.isfinite(residual) and residual <= float(tol):
-            result = Result.successful
-        elif bool(outcome.nonfinite) or not math.isfinite(residual):
-            result = Result.nonfinite_value
-        elif bool(outcome.breakdown):
-            result = outcome.failure
-        else:
-            result = Result.max_steps_reached
-        return result, Stats(iterations, residual, history)
 
     @abc.abstractmethod
     def _run(self, A: FlatOperator, b: Tensor, x: Tensor, x_given: bool, tol: Tensor) -> Outcome:

@@ -19,6 +19,7 @@ the residual vanishes or the iteration limit is reached, never with NaN or inf.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -29,12 +30,14 @@ from hypergrad.linear_solvers.base import (
     FlatOperator,
     GuardedLoop,
     LinearSolver,
+    Matvec,
     Outcome,
     initial_residual,
     real_vdot,
     true_residual,
 )
 from hypergrad.loop import should_stop
+from hypergrad.pytree import PyTree, tree_ravel
 from hypergrad.results import NonSymmetricOperatorError
 
 
@@ -79,7 +82,7 @@ class CG(LinearSolver):
 
     def _run(self, A: FlatOperator, b: Tensor, x: Tensor, x_given: bool, tol: Tensor) -> Outcome:
         if self.check_symmetric:
-            self._probe(A, b)
+            self.check_symmetry(A, b)
         tiny = torch.finfo(b.dtype).tiny
         r = initial_residual(A, b, x, x_given)
         p = r
@@ -104,7 +107,15 @@ class CG(LinearSolver):
             p = torch.where(ok, r_new + beta * p, p)
         return loop.outcome(x, true_residual(A, b, x))
 
-    def _probe(self, A: FlatOperator, b: Tensor) -> None:
+    def for_capture(self, matvec: Matvec, b: PyTree) -> CG:
+        """Run the symmetry probe once on ``matvec`` (if enabled), then drop it and every host read."""
+        if self.check_symmetric:
+            vec_b, unravel = tree_ravel(b)
+            self.check_symmetry(lambda v: tree_ravel(matvec(unravel(v)))[0], vec_b)
+        return dataclasses.replace(super().for_capture(matvec, b), check_symmetric=False)
+
+    def check_symmetry(self, A: FlatOperator, b: Tensor) -> None:
+        """Raise :class:`~hypergrad.NonSymmetricOperatorError` if :func:`symmetry_gap` exceeds the threshold."""
         threshold = self.symmetry_rtol
         if threshold is None:
             threshold = math.sqrt(torch.finfo(b.dtype).eps)

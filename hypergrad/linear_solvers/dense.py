@@ -11,6 +11,7 @@ reference and for problems with few inner variables.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ class Dense(LinearSolver):
         vectorize: build the matrix with one ``torch.func.vmap``-ed product
             (``False``: a Python loop, for operators that ``vmap`` cannot batch).
     """
+
+    capturable: ClassVar[bool] = False
 
     max_size: int = 4096
     vectorize: bool = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ class GMRES(LinearSolver):
     Args:
         restart: Krylov dimension ``m`` per cycle.
     """
+
+    capturable: ClassVar[bool] = False
 
     restart: int = 20
 

@@ -16,8 +16,8 @@ targets ``y_i ∈ R^k`` and weights ``ω_i ≥ 0``:
   inputs, so the adjoint system ``(I − ∂_WΦᵀ) v = ∇_W E`` is solved by ``v = ∇_W E``
   in one Neumann step (a few more refine it in finite precision).
 
-Neither map forms ``A``: a product costs ``O(n d k)``, and the backward pass needs
-no derivative of the factorisation. By the implicit function theorem both give
+Neither map forms ``A``: a product costs ``O(n d k)`` plus two triangular solves with
+``C`` (:func:`cholesky_apply`), and the backward pass needs no derivative of the factorisation. By the implicit function theorem both give
 
     ∂E/∂λ = −⟨A⁻¹∇_W E, W⟩,   ∂E/∂Y = Ω X A⁻¹∇_W E,
     ∂E/∂X = Ω (Y − X W) (A⁻¹∇_W E)ᵀ − Ω X A⁻¹∇_W E Wᵀ,
@@ -69,9 +69,9 @@ def ridge_gradient(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor
 def cholesky_apply(chol: Tensor, R: Tensor) -> Tensor:
     """``A⁻¹R = C⁻ᵀ(C⁻¹R)`` for the lower Cholesky factor ``C`` of ``A`` (two triangular solves).
 
-    Unlike ``torch.cholesky_solve``, this copies neither ``C`` nor its batch (``C`` is read in
-    place: row-major ``C`` is column-major ``Cᵀ``), which halves the cost of the small batched
-    systems of :func:`ridge`.
+    Unlike ``torch.cholesky_solve``, which copies ``C`` into column-major order at every call,
+    this reads ``C`` in place (a row-major ``C`` is a column-major ``Cᵀ``): cheaper for the
+    many small systems of :func:`ridge`.
     """
     return torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, R, upper=False), upper=True)
 
@@ -92,7 +92,7 @@ def ridge_cholesky(X: Tensor, lam: Tensor | float, weights: Tensor | None = None
 def ridge_closed_form(X: Tensor, Y: Tensor, lam: Tensor | float, weights: Tensor | None = None) -> Tensor:
     """``W = A⁻¹XᵀΩY`` by a batched Cholesky solve, differentiated by ordinary autograd (the reference)."""
     chol = _cholesky(ridge_system(X, lam, weights))
-    return cholesky_apply(chol, _xt(X, Y * _weights(X, weights).unsqueeze(-1)))
+    return torch.cholesky_solve(_xt(X, Y * _weights(X, weights).unsqueeze(-1)), chol)
 
 
 def ridge_gradient_step(W: Tensor, X: Tensor, Y: Tensor, lam: Tensor, weights: Tensor) -> Tensor:

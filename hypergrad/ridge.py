@@ -16,8 +16,9 @@ targets ``y_i ∈ R^k`` and weights ``ω_i ≥ 0``:
   inputs, so the adjoint system ``(I − ∂_WΦᵀ) v = ∇_W E`` is solved by ``v = ∇_W E``
   in one Neumann step (a few more refine it in finite precision).
 
-Neither map forms ``A``: a product costs ``O(n d k)`` plus two triangular solves with
-``C`` (:func:`cholesky_apply`), and the backward pass needs no derivative of the factorisation. By the implicit function theorem both give
+Neither map forms ``A``: a product costs ``O(n d k)`` (plus, for the Newton step, two
+triangular solves with ``C``: :func:`cholesky_apply`), and the backward pass needs no
+derivative of the factorisation. By the implicit function theorem both give
 
     ∂E/∂λ = −⟨A⁻¹∇_W E, W⟩,   ∂E/∂Y = Ω X A⁻¹∇_W E,
     ∂E/∂X = Ω (Y − X W) (A⁻¹∇_W E)ᵀ − Ω X A⁻¹∇_W E Wᵀ,

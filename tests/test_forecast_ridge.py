@@ -2,7 +2,15 @@
 import pytest
 import torch
 
-from hypergrad.ridge import ridge, ridge_closed_form, ridge_gradient_step, ridge_newton_step, ridge_cholesky
+from hypergrad.ridge import (
+    cholesky_apply,
+    ridge,
+    ridge_cholesky,
+    ridge_closed_form,
+    ridge_gradient_step,
+    ridge_newton_step,
+    ridge_system,
+)
 
 DT = torch.float64
 
@@ -49,6 +57,17 @@ def test_closed_form_equals_reference_and_gradcheck_of_implicit_layer():
     assert _rel(ridge_closed_form(X, Y, lam, w), _reference(X, Y, lam, w)) <= 1e-12
     # finite differences, independent of any closed-form derivative
     assert torch.autograd.gradcheck(lambda X, Y, lam, w: ridge(X, Y, lam, w), (X, Y, lam, w), atol=1e-7)
+
+
+def test_system_and_cholesky_apply_equal_dense_solve_with_broadcast_rows():
+    X, Y, lam, w, _ = _problem(seed=7, shared_rows=True)
+    with torch.no_grad():
+        Xb = X.expand(*Y.shape[:-2], *X.shape[-2:])
+        A_ref = Xb.mT @ (w[..., None] * Xb) + lam[..., None, None] * torch.eye(X.shape[-1], dtype=DT)
+        A = ridge_system(X, lam, w)
+        assert _rel(A, A_ref) <= 1e-14
+        R = torch.randn(*A.shape[:-1], 3, dtype=DT)
+        assert _rel(cholesky_apply(ridge_cholesky(X, lam, w), R), torch.linalg.solve(A_ref, R)) <= 1e-12
 
 
 def test_solution_is_fixed_point_of_both_step_maps():

@@ -50,6 +50,15 @@ def test_nonfinite_inputs_are_named(gen, method, bad):
         METHODS[method](phi, outer, w0, lam)
 
 
+def test_finite_inputs_whose_sum_overflows_pass():
+    big = torch.full((4,), torch.finfo(torch.float32).max, dtype=torch.float32)
+    assert not torch.isfinite(big.sum())
+    hg.validation.check_inputs(w0=big, lam=torch.ones(2, dtype=torch.float32))
+    big[1] = float("nan")
+    with pytest.raises(hg.NonFiniteInputError, match="w0 contains 1 NaN"):
+        hg.validation.check_inputs(w0=big, lam=torch.ones(2, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_map_output_shape_mismatch_is_named(gen, method):
     w0, lam = inputs(gen)

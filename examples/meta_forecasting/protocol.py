@@ -17,11 +17,11 @@ from examples.meta_forecasting import data as D
 from examples.meta_forecasting.model import MetaForecaster, ModelConfig
 from examples.meta_forecasting.train import TrainConfig, predict, train
 
-#: architecture defaults per frequency (context in periods: 10 years, 20 years, 6 years)
+#: architecture defaults per frequency (context: 20 years yearly, 10 years quarterly and monthly)
 MODEL_DEFAULTS = {
     "yearly": dict(context=20, lags=2, burn_in=2, season_features=False),
     "quarterly": dict(context=40, lags=4, burn_in=4, season_features=True),
-    "monthly": dict(context=72, lags=12, burn_in=12, season_features=True),
+    "monthly": dict(context=120, lags=12, burn_in=12, season_features=True),
 }
 TRAIN_DEFAULTS = {
     "yearly": dict(batch_size=256),

@@ -29,7 +29,7 @@ from examples.meta_forecasting.model import MetaForecaster, ModelConfig
 class TrainConfig:
     """Optimisation settings (stored in checkpoints and results)."""
 
-    steps: int = 600
+    steps: int = 200
     batch_size: int = 256
     lr: float = 3e-3
     hyper_lr: float = 3e-2

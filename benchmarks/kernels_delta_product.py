@@ -131,6 +131,7 @@ def profile(x, do):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first shape, no gate, bf16 + one float32 row")
+    ap.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default all)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-hvp", action="store_true")
@@ -139,7 +140,8 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     configs = []
-    for (B, T, H, D) in SHAPES[:1] if args.quick else SHAPES:
+    shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+    for (B, T, H, D) in shapes[:1] if args.quick else shapes:
         for n_h in (1, 2, 3):
             for gate in ((False,) if args.quick else (False, True)):
                 for dtype in (torch.bfloat16, torch.float32):

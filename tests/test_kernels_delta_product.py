@@ -8,10 +8,13 @@ uses the same bf16-rounded inputs in float64).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kernels.delta_product import chunk_delta_product
+from kernels.delta_product.utils import TUNING, Tuning
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
@@ -61,6 +64,43 @@ def test_bf16_matches_recurrence(n_h, gate):
     x = make_inputs(B=1, T=25, n_h=n_h, H=1, K=32, V=32, gate=gate, initial_state=gate, correlated=True,
                     seed=7 + n_h)
     _check_first_order(x, torch.bfloat16)
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    """Apply a ``DELTA_PRODUCT_TUNING`` spec to the kernels for one test (restored afterwards)."""
+
+    def apply(spec: str) -> None:
+        fresh = Tuning().update(spec)
+        for f in dataclasses.fields(Tuning):
+            monkeypatch.setattr(TUNING, f.name, getattr(fresh, f.name))
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "spec, dtype, n_h, K, V",
+    [
+        ("inverse=packed,warps_prep=4,bwd_store=f32,block=64", torch.float32, 3, 24, 20),  # the earlier default
+        ("inverse=tiles", torch.float32, 3, 24, 20),  # 63-step chunks: a masked row in the last tile
+        ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64", torch.bfloat16, 2, 80, 80),  # other grids
+        ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2", torch.float32, 1, 16, 16),
+        ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72),  # one K / V block
+    ],
+)
+def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V):
+    tuned(spec)
+    x = make_inputs(B=1, T=45, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=True, correlated=True,
+                    seed=40 + n_h)
+    _check_first_order(x, dtype, scale=0.7)
+
+
+def test_tuning_spec_is_validated():
+    assert Tuning().update("inverse=packed,warps_wy=8,hvp_tf32=1").spec() == "inverse=packed,warps_wy=8,hvp_tf32=True"
+    with pytest.raises(ValueError, match="unknown field `warps`"):
+        Tuning().update("warps=8")
+    with pytest.raises(ValueError, match="inverse"):
+        Tuning().update("inverse=dense")
 
 
 def test_uncorrelated_keys_beta_up_to_one():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kernels.delta_product import chunk_delta_product, chunk_scan, composed_delta_product
-from kernels.delta_product.utils import chunk_local_cumsum
+from kernels.delta_product.tri_inverse import unit_lower_inverse
+from kernels.delta_product.utils import TUNING, chunk_local_cumsum
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
@@ -59,6 +60,34 @@ def test_scan_all_orders(reverse, transpose, K):
     assert rel_err(torch.func.jvp(f, prim, tuple(vs))[1], torch.func.jvp(fr, prim, tuple(vs))[1]) < 1e-12
 
 
+@pytest.mark.parametrize("L", [64, 63, 20])
+def test_unit_lower_inverse_all_orders(L):
+    """``(I + tril(A, −1))⁻¹``: the float32 tile kernel and the float64 solve path against
+    ``torch.linalg.inv`` in float64 (value, gradient, HVP, jvp); the upper part of ``A`` is ignored."""
+    gen = torch.Generator().manual_seed(L)
+    k = torch.nn.functional.normalize(torch.randn(3, 2, L, 16, generator=gen, dtype=torch.float64) * 0.2
+                                      + torch.randn(1, 1, 1, 16, generator=gen, dtype=torch.float64), dim=-1)
+    beta = 2 * torch.rand(3, 2, L, generator=gen, dtype=torch.float64)
+    junk = torch.randn(3, 2, L, L, generator=gen, dtype=torch.float64).triu()  # on and above the diagonal
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) + junk
+    w, v = torch.randn_like(A), torch.randn_like(A)
+
+    def ref(a):
+        return torch.linalg.inv(torch.eye(L, dtype=a.dtype) + a.tril(-1))
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        a, a64 = A.to(dtype).requires_grad_(), A.clone().requires_grad_()
+        errs = {"value": rel_err(unit_lower_inverse(a).double(), ref(A))}
+        g = torch.autograd.grad((unit_lower_inverse(a) * w.to(dtype)).sum(), a, create_graph=True)[0]
+        g64 = torch.autograd.grad((ref(a64) * w).sum(), a64, create_graph=True)[0]
+        errs["grad"] = rel_err(g.double(), g64)
+        h = torch.autograd.grad((g * v.to(dtype)).sum(), a)[0]
+        errs["hvp"] = rel_err(h.double(), torch.autograd.grad((g64 * v).sum(), a64)[0])
+        j = torch.func.jvp(unit_lower_inverse, (a.detach(),), (v.to(dtype),))[1]
+        errs["jvp"] = rel_err(j.double(), torch.func.jvp(ref, (A,), (v,))[1])
+        assert max(errs.values()) < tol, (dtype, errs)
+
+
 def _all_orders(fn, x: dict, tol: float, dtype: torch.dtype) -> None:
     """Outputs, gradients, double-backward HVPs and jvp of ``fn`` vs the float64 recurrence."""
     names = [n for n in ARGS if x[n] is not None]
@@ -99,8 +128,10 @@ def test_composed_form_float64_all_orders():
     _all_orders(composed, x, 1e-12, torch.float64)
 
 
-@pytest.mark.parametrize("T, n_h, gate, h0", [(40, 2, True, True), (23, 3, False, False)])
-def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0):
+@pytest.mark.parametrize("T, n_h, gate, h0, inverse", [(40, 2, True, True, "solve"), (23, 3, False, False, "solve"),
+                                                     (30, 2, True, True, "kernel")])
+def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, monkeypatch):
+    monkeypatch.setattr(TUNING, "composed_inverse", inverse)  # the composed path's (I + A)⁻¹
     x = make_inputs(B=1, T=T, n_h=n_h, H=2, K=16, V=16, gate=gate, initial_state=h0, correlated=True, seed=T)
 
     def kernel(**a):

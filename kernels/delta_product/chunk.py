@@ -13,13 +13,22 @@ Both Functions use ``setup_context`` and save only inputs and outputs, so ``torc
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.composed import composed_delta_product
-from kernels.delta_product.utils import FUSED_MAX_DIM, FUSED_MAX_NH, chunk_local_cumsum, chunk_tokens, validate
+from kernels.delta_product.utils import (
+    FUSED_MAX_DIM,
+    FUSED_MAX_NH,
+    TUNING,
+    chunk_local_cumsum,
+    chunk_tokens,
+    validate,
+)
 
 _PRIMALS = ("q", "k", "v", "beta", "G", "h0")
 
@@ -32,6 +41,24 @@ def _composed(scale: float, ct: int, present: tuple[str, ...]):
         return composed_delta_product(a["q"], a["k"], a["v"], a["beta"], a.get("G"), a.get("h0"), scale, ct)
 
     return f
+
+
+@contextlib.contextmanager
+def _matmul_precision(q: Tensor):
+    """TF32 for the float32 matmuls inside, when ``TUNING.hvp_tf32`` and ``q`` is bf16 on a GPU
+    (the legacy ``allow_tf32`` flag, restored on exit; left alone if it cannot be read or set)."""
+    m, old = torch.backends.cuda.matmul, None
+    if TUNING.hvp_tf32 and q.dtype == torch.bfloat16 and q.is_cuda:
+        try:
+            old = m.allow_tf32
+            m.allow_tf32 = True
+        except RuntimeError:  # the new fp32_precision API is in use: do not mix the two
+            old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            m.allow_tf32 = old
 
 
 class ChunkDeltaProductFunction(torch.autograd.Function):
@@ -106,8 +133,9 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
 
         cot_map = dict(zip(_PRIMALS, cot))
         cotangents = tuple(torch.zeros_like(prim[n]) if cot_map[n] is None else cot_map[n] for n in present)
-        _, pull2 = torch.func.vjp(first_order, *xs, do, dht)
-        g = pull2(cotangents)
+        with _matmul_precision(q):
+            _, pull2 = torch.func.vjp(first_order, *xs, do, dht)
+            g = pull2(cotangents)
         gx = dict(zip(present, g[:-2]))
         ddht = g[-1] if had_dht else None
         return tuple(gx.get(n) for n in _PRIMALS) + (g[-2], ddht, None) + (None,) * ctx.n_saved

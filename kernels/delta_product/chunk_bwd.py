@@ -29,7 +29,7 @@ from kernels.delta_product.common import (
     store_rows,
     tokens,
 )
-from kernels.delta_product.utils import alloc, launch
+from kernels.delta_product.utils import TUNING, alloc, launch
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -257,31 +257,38 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
     dev, f32 = q.device, torch.float32
+    # dtype of dU_loc, dU, dW and the dk partial. With a gate they stay float32: dG adds terms of the
+    # dqkw and wy_bwd kernels that cancel, and 16-bit intermediates left dG with O(1) relative error
+    # at short T on an H100.
     use_g = G is not None
+    mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
     gp = G if use_g else beta
     do = do.contiguous()
-    dUl = alloc(B, H, N, V, device=dev, dtype=f32)
+    dUl = alloc(B, H, N, V, device=dev, dtype=mid)
     launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
-           USE_G=use_g, num_warps=4, **common)
+           USE_G=use_g, num_warps=TUNING.warps_dv, **common)
     dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
-    dU = alloc(B, H, N, V, device=dev, dtype=f32)
+    dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
            BQ=c["BQ"], BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_DHT=int(dht is not None),
-           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=4, **common)
-    nkb = triton.cdiv(K, c["BKB"])
+           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
+    bkd = min(c["BK"], TUNING.bk_dqkw)
+    nkb = triton.cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)
-    dk_part = alloc(B, H, N, K, device=dev, dtype=f32)
-    dW = alloc(B, H, N, K, device=dev, dtype=f32)
+    dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
+    dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           scale, T, N, NC, B, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, num_warps=4, **common)
+           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_dqkw,
+           **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
-           dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, num_warps=4, **common)
+           dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
+           num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     return dq, dk, dv, dbeta, dG, dh0

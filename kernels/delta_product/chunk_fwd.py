@@ -1,7 +1,8 @@
 """Fused forward of chunked DeltaProduct: three Triton kernels.
 
 1. :func:`prep_kernel` (parallel over chunks): ``A = tril(diag(β)(K Kᵀ ⊙ E), −1)``,
-   ``T = (I + A)⁻¹`` by blocked forward substitution, ``W = T diag(β e^G) K``, ``U₀ = T diag(β) V``.
+   ``T = (I + A)⁻¹`` by blocked forward substitution (``TUNING.inverse``), ``W = T diag(β e^G) K``,
+   ``U₀ = T diag(β) V``.
 2. :func:`scan_h_kernel` (sequential over chunks): ``S_c`` stored, ``U_c = U₀ − W S_c``,
    ``S_{c+1} = e^{G_L} S_c + (diag(e^{G_L−G}) K)ᵀ U_c``.
 3. :func:`out_kernel` (parallel): ``O = scale·(diag(e^{Gq}) Q S_c + (Q Kᵀ ⊙ M) U_c)`` at the real
@@ -24,14 +25,16 @@ from kernels.delta_product.common import (
     store_rows,
     tokens,
     unit_lower_inverse,
+    unit_lower_inverse_tiles,
 )
-from kernels.delta_product.utils import BLOCK_STEPS, alloc, chunk_tokens, dot_config, interpreting, launch
+from kernels.delta_product.utils import BLOCK_STEPS, TUNING, alloc, chunk_tokens, dot_config, interpreting, launch
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.constexpr,
                 NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+                USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
+                INV_TILES: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -50,8 +53,15 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
         b_A = b_A * masked_exp(b_g[:, None] - b_g[None, :], m_A)
         b_x = b_beta * tl.exp(b_g)
     b_A = tl.where(m_A, b_A, 0.0)
-    b_T = unit_lower_inverse(b_A, o_i, BT, 16, PREC_T)
-    store_rows(Ti + i_bh * N * BT, b_T, n_i, m_i, BT, o_i, o_i < BT)
+    if INV_TILES:  # A staged in this chunk's rows of Ti, inverted there by 16×16 tiles
+        store_rows(Ti + i_bh * N * BT, b_A, n_i, m_i, BT, o_i, o_i < BT)
+        tl.debug_barrier()
+        unit_lower_inverse_tiles(Ti + i_bh * N * BT, i_c * (CT * NH), N, CT * NH, BT, PREC_T)
+        tl.debug_barrier()
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+    else:
+        b_T = unit_lower_inverse(b_A, o_i, BT, 16, PREC_T)
+        store_rows(Ti + i_bh * N * BT, b_T, n_i, m_i, BT, o_i, o_i < BT)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -145,8 +155,8 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor) -> dict:
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, 64), BVB=min(bv, 64),
-                BVS=min(bv, 32), DOT=dot, PREC=prec, INTERPRET=interpreting())
+                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, TUNING.tile(q.dtype)),
+                BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.bv_scan), DOT=dot, PREC=prec, INTERPRET=interpreting())
 
 
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,
@@ -171,14 +181,15 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     W = alloc(B, H, N, K, device=dev, dtype=st)
     U0 = alloc(B, H, N, V, device=dev, dtype=st)
     launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, T, N, BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
-           PREC_T="ieee" if c["INTERPRET"] else "tf32x3", num_warps=4, **common)
+           PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, INV_TILES=TUNING.inverse == "tiles",
+           num_warps=TUNING.warps_prep, **common)
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, gp, W, U0, h0 if h0 is not None else W, Hs, U,
            ht if ht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_H0=int(h0 is not None),
-           STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=4, **common)
+           STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
-           BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=4, **common)
+           BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
     return o, ht, (Ti, W, Hs, U)

@@ -94,3 +94,95 @@ def unit_lower_inverse(b_A, o_i, BT: tl.constexpr, BS: tl.constexpr, PREC: tl.co
         b_x = tl.dot(tl.where(off, b_A, 0.0), b_T, input_precision=PREC)
         b_T = tl.where(off, -tl.dot(b_d, b_x, input_precision=PREC), b_T)
     return b_T
+
+
+@triton.jit
+def _tile_at(base, r: tl.constexpr, c: tl.constexpr, row0, N, L: tl.constexpr, BT: tl.constexpr):
+    """Pointers and row mask of the 16×16 tile ``(r, c)`` of a chunk's ``[BT, BT]`` block stored
+    row-major (row stride ``BT``) from global row ``row0``; rows past ``L`` or ``N`` are masked."""
+    o = tl.arange(0, 16)
+    n = row0 + r * 16 + o
+    m = (r * 16 + o < L) & (n < N)
+    return base + n[:, None] * BT + (c * 16 + o)[None, :], m[:, None]
+
+
+@triton.jit
+def _load_tile(base, r: tl.constexpr, c: tl.constexpr, row0, N, L: tl.constexpr, BT: tl.constexpr):
+    p, m = _tile_at(base, r, c, row0, N, L, BT)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, x, r: tl.constexpr, c: tl.constexpr, row0, N, L: tl.constexpr, BT: tl.constexpr):
+    p, m = _tile_at(base, r, c, row0, N, L, BT)
+    tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _neg_row(base, r: tl.constexpr, i, row0, N, L: tl.constexpr, BT: tl.constexpr):
+    """``−A[i, :i]`` of the diagonal tile ``r`` (zero elsewhere)."""
+    o = tl.arange(0, 16)
+    n = row0 + r * 16 + i
+    m = (o < i) & (r * 16 + i < L) & (n < N)
+    return -tl.load(base + n * BT + r * 16 + o, mask=m, other=0.0)
+
+
+@triton.jit
+def _sub_step(y, a, o, i):
+    """Row ``i`` of ``(I + A)⁻¹ − I``: ``a + Σ_j a_j Y_j`` over the rows ``j < i`` already in ``y``."""
+    a += tl.sum(a[:, None] * y, 0)
+    return tl.where((o == i)[:, None], a[None, :], y)
+
+
+@triton.jit
+def unit_lower_inverse_tiles(base, row0, N, L: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
+    """``(I + A)⁻¹`` in place, by 16×16 tiles, for ``A [64, 64]`` stored (float32, row stride
+    ``BT = 64``) at rows ``row0 + [0, L)`` of ``base``; only the strictly lower part of ``A`` is read.
+
+    The four diagonal tiles by forward substitution in one loop (rows of ``A`` read from memory,
+    ``Y_i = −A_i + Σ_{j<i} (−A_ij) Y_j``), then the off-diagonal tiles by the block forward
+    substitution ``X_bc = −D_b Σ_{c≤j<b} A_bj X_jc`` (``D_b`` the inverted diagonal tile, 16×16
+    matmuls). Writes the ten lower tiles; the six upper ones are left as they are (zero for a
+    strictly lower ``A``). The caller puts a barrier between storing ``A`` and this call, and
+    between this call and reading the result.
+    """
+    tl.static_assert(BT == 64, "the tiled inverse is written for 64-step chunks")
+    o = tl.arange(0, 16)
+    strict = o[:, None] > o[None, :]
+    y1 = -tl.where(strict, _load_tile(base, 0, 0, row0, N, L, BT), 0.0)
+    y2 = -tl.where(strict, _load_tile(base, 1, 1, row0, N, L, BT), 0.0)
+    y3 = -tl.where(strict, _load_tile(base, 2, 2, row0, N, L, BT), 0.0)
+    y4 = -tl.where(strict, _load_tile(base, 3, 3, row0, N, L, BT), 0.0)
+    a21 = _load_tile(base, 1, 0, row0, N, L, BT)
+    a31 = _load_tile(base, 2, 0, row0, N, L, BT)
+    a32 = _load_tile(base, 2, 1, row0, N, L, BT)
+    a41 = _load_tile(base, 3, 0, row0, N, L, BT)
+    a42 = _load_tile(base, 3, 1, row0, N, L, BT)
+    a43 = _load_tile(base, 3, 2, row0, N, L, BT)
+    for i in range(2, 16):
+        y1 = _sub_step(y1, _neg_row(base, 0, i, row0, N, L, BT), o, i)
+        y2 = _sub_step(y2, _neg_row(base, 1, i, row0, N, L, BT), o, i)
+        y3 = _sub_step(y3, _neg_row(base, 2, i, row0, N, L, BT), o, i)
+        y4 = _sub_step(y4, _neg_row(base, 3, i, row0, N, L, BT), o, i)
+    eye = (o[:, None] == o[None, :]).to(tl.float32)
+    d1, d2, d3, d4 = y1 + eye, y2 + eye, y3 + eye, y4 + eye
+    x21 = -tl.dot(d2, tl.dot(a21, d1, input_precision=PREC), input_precision=PREC)
+    x32 = -tl.dot(d3, tl.dot(a32, d2, input_precision=PREC), input_precision=PREC)
+    x43 = -tl.dot(d4, tl.dot(a43, d3, input_precision=PREC), input_precision=PREC)
+    x31 = -tl.dot(d3, tl.dot(a31, d1, input_precision=PREC) + tl.dot(a32, x21, input_precision=PREC),
+                  input_precision=PREC)
+    x42 = -tl.dot(d4, tl.dot(a42, d2, input_precision=PREC) + tl.dot(a43, x32, input_precision=PREC),
+                  input_precision=PREC)
+    x41 = -tl.dot(d4, tl.dot(a41, d1, input_precision=PREC) + tl.dot(a42, x21, input_precision=PREC)
+                  + tl.dot(a43, x31, input_precision=PREC), input_precision=PREC)
+    tl.debug_barrier()  # every read of A is done before the first write of the inverse
+    _store_tile(base, d1, 0, 0, row0, N, L, BT)
+    _store_tile(base, d2, 1, 1, row0, N, L, BT)
+    _store_tile(base, d3, 2, 2, row0, N, L, BT)
+    _store_tile(base, d4, 3, 3, row0, N, L, BT)
+    _store_tile(base, x21, 1, 0, row0, N, L, BT)
+    _store_tile(base, x31, 2, 0, row0, N, L, BT)
+    _store_tile(base, x32, 2, 1, row0, N, L, BT)
+    _store_tile(base, x41, 3, 0, row0, N, L, BT)
+    _store_tile(base, x42, 3, 1, row0, N, L, BT)
+    _store_tile(base, x43, 3, 2, row0, N, L, BT)

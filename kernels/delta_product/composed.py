@@ -21,6 +21,8 @@ import triton
 from torch import Tensor
 
 from kernels.delta_product.scan import chunk_scan
+from kernels.delta_product.tri_inverse import unit_lower_inverse
+from kernels.delta_product.utils import TUNING
 
 
 def _decay(rows: Tensor, cols: Tensor, mask: Tensor, vary: Tensor) -> Tensor:
@@ -63,7 +65,6 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
     qc = chunks(q, ct) * scale
     kc, vc = chunks(k, L), chunks(v, L)
     bc = chunks(beta[..., None], L)[..., 0]
-    eye_l = torch.eye(L, dtype=dt, device=q.device)
     strict = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
     last = torch.arange(ct, device=q.device) * n_h + n_h - 1
     causal = torch.arange(L, device=q.device)[None, :] <= last[:, None]  # [ct, L]
@@ -86,9 +87,14 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
     else:
         E, Mq, x, kt, decay_l, qd = strict.to(dt), causal.to(dt), bc[..., None] * kc, kc, 1.0, qc
     A = bc[..., None] * (kc @ kc.transpose(-1, -2)) * E
-    wu = torch.linalg.solve_triangular(eye_l + A, torch.cat([x, bc[..., None] * vc], -1),
-                                       upper=False, unitriangular=True)
-    W, U = wu[..., :K], wu[..., K:]
+    if TUNING.composed_inverse == "kernel":
+        Tinv = unit_lower_inverse(A)
+        W, U = Tinv @ x, Tinv @ (bc[..., None] * vc)
+    else:
+        eye_l = torch.eye(L, dtype=dt, device=q.device)
+        wu = torch.linalg.solve_triangular(eye_l + A, torch.cat([x, bc[..., None] * vc], -1),
+                                           upper=False, unitriangular=True)
+        W, U = wu[..., :K], wu[..., K:]
     eye_k = torch.eye(K, dtype=dt, device=q.device)
     Ac = decay_l * eye_k - kt.transpose(-1, -2) @ W  # [B, H, nc, K, K]
     Bc = kt.transpose(-1, -2) @ U

@@ -25,6 +25,87 @@ FUSED_MAX_NH = 16
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
+@dataclass
+class Tuning:
+    """Launch choices of the fused kernels. The defaults are the configuration measured on an H100;
+    the others are variants for the GPU comparison script (``benchmarks/kernels_variants.py``).
+
+    Set at import from ``DELTA_PRODUCT_TUNING="inverse=tiles,warps_prep=8"`` (comma-separated
+    ``field=value``), or by assigning fields of :data:`TUNING` between calls in one process.
+
+    Attributes:
+        inverse: ``"packed"``: ``(I + A)⁻¹`` in registers, the 16×16 diagonal blocks by a packed
+            forward substitution over 64×64 tiles; ``"tiles"``: ``A`` staged in the ``Ti`` buffer and
+            inverted by 16×16 tiles (forward substitution on the four diagonal tiles, six merges).
+        prec_inverse: ``input_precision`` of the merge matmuls of the inverse on the GPU.
+        prec_f32: ``input_precision`` of every other matmul for float32 inputs, ``ChunkScan``'s
+            included (``"tf32x3"``; ``"bf16x3"`` does half the tensor-core work, about 1e-5 accurate).
+        warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
+            forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels.
+        bv_scan: value columns per program of the chunk scans.
+        block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
+            ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
+        bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
+        stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
+        bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
+            ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
+            only, since the gate cotangent cancels terms computed from them).
+        hvp_tf32: for bf16 inputs, let the float32 matmuls of the second-order (composed) path
+            use TF32 on the GPU (``torch.backends.cuda.matmul`` precision, restored afterwards).
+        composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
+            (``torch.linalg.solve_triangular``) or ``"kernel"`` (``tri_inverse.unit_lower_inverse``
+            and matmuls: all its derivatives are batched matmuls).
+    """
+
+    inverse: str = "tiles"
+    prec_inverse: str = "tf32x3"
+    prec_f32: str = "tf32x3"
+    warps_prep: int = 2
+    warps_scan: int = 4
+    warps_out: int = 4
+    warps_dv: int = 4
+    warps_dqkw: int = 4
+    warps_wy: int = 4
+    bv_scan: int = 32
+    block: int = 0
+    bk_dqkw: int = 64
+    stages: int = 3
+    bwd_store: str = "input"
+    hvp_tf32: bool = False
+    composed_inverse: str = "kernel"
+
+    def tile(self, dtype: torch.dtype) -> int:
+        """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
+        64 for float32 (whose 128-wide tiles spill registers: 2× slower on an H100)."""
+        if self.block:
+            return self.block
+        return 128 if dtype.itemsize == 2 else 64
+
+    def update(self, spec: str) -> Tuning:
+        """Set fields from ``"field=value,field=value"`` (values parsed by the field's type)."""
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            name, _, value = item.partition("=")
+            if name not in self.__dataclass_fields__:
+                raise ValueError(f"DELTA_PRODUCT_TUNING: unknown field `{name}`")
+            kind = type(getattr(self, name))
+            setattr(self, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
+                              ("composed_inverse", ("solve", "kernel"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
+        return self
+
+    def spec(self) -> str:
+        """The fields that differ from the defaults, in the ``DELTA_PRODUCT_TUNING`` format."""
+        base = Tuning()
+        return ",".join(f"{n}={getattr(self, n)}" for n in self.__dataclass_fields__
+                        if getattr(self, n) != getattr(base, n))
+
+
+#: the launch choices in use (see :class:`Tuning`)
+TUNING = Tuning().update(os.environ.get("DELTA_PRODUCT_TUNING", ""))
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -75,14 +156,14 @@ def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     """Operand dtype and ``input_precision`` of ``tl.dot`` for inputs of ``dtype``.
 
     bf16 operands on the tensor cores for bf16 inputs; float32 operands with the
-    three-pass TF32 split (about float32 accuracy) for float32 inputs; exact float64
+    three-pass TF32 split (about float32 accuracy; ``TUNING.prec_f32``) for float32 inputs; exact float64
     for float64. The interpreter cannot multiply bf16 (it sees raw bits), so there
     the operands are float32.
     """
     if dtype == torch.float64:
         return tl.float64, "ieee"
     if dtype == torch.float32 or interpreting():
-        return tl.float32, ("ieee" if interpreting() else "tf32x3")
+        return tl.float32, ("ieee" if interpreting() else TUNING.prec_f32)
     return tl.bfloat16, "tf32"
 
 
@@ -158,11 +239,11 @@ def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
 _STAGES: dict[tuple, int] = {}
 
 
-def launch(kernel, grid: tuple[int, ...], *args, num_stages: int = 3, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (``num_stages`` down to 1)
-    that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
-    key = (id(kernel),) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-    stages = _STAGES.get(key, num_stages)
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (``TUNING.stages`` down
+    to 1) that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
+    key = (id(kernel), TUNING.stages) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    stages = _STAGES.get(key, TUNING.stages)
     while True:
         try:
             kernel[grid](*args, num_stages=stages, **kwargs)

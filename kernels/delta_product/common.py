@@ -123,7 +123,8 @@ def _neg_row(base, r: tl.constexpr, i, row0, N, L: tl.constexpr, BT: tl.constexp
     """``−A[i, :i]`` of the diagonal tile ``r`` (zero elsewhere)."""
     o = tl.arange(0, 16)
     n = row0 + r * 16 + i
-    m = (o < i) & (r * 16 + i < L) & (n < N)
+    # every term a vector: Triton 3.9's interpreter rejects a vector & scalar-tensor mask
+    m = (o < i) & (o * 0 + r * 16 + i < L) & (o * 0 + n < N)
     return -tl.load(base + n * BT + r * 16 + o, mask=m, other=0.0)
 
 

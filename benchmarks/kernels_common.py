@@ -112,3 +112,23 @@ def precompile(configs, workers=12):
                     key=str)
     with ctx.Pool(min(workers, len(unique))) as pool:
         return [e for e in pool.map(_warm_one, unique) if e]
+
+
+def fla_fn(x: dict, n_h: int):
+    """fla 0.6.0's ``chunk_gated_delta_product`` on our inputs (micro-steps interleaved to length
+    ``n_h·T``, as in ``../shared/anchors/fla_deltaproduct_bench.py``): a closure returning ``o``, with
+    the differentiable leaves in ``f.inputs = (q, k, v, beta)``."""
+    from fla.ops.gated_delta_product import chunk_gated_delta_product
+
+    B, T, H, K = x["q"].shape
+    q = x["q"].detach().requires_grad_()
+    k = x["k"].detach().reshape(B, T * n_h, H, K).requires_grad_()
+    v = x["v"].detach().reshape(B, T * n_h, H, -1).requires_grad_()
+    beta = x["beta"].detach().reshape(B, T * n_h, H).requires_grad_()
+    g = x["g"].detach().float() if x["g"] is not None else None
+
+    def f():
+        return chunk_gated_delta_product(q, k, v, g, beta, num_householder=n_h)[0]
+
+    f.inputs = (q, k, v, beta)
+    return f

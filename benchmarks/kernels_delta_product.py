@@ -21,7 +21,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import env_info, make_inputs, ours, precompile
+from kernels_common import env_info, fla_fn, make_inputs, ours, precompile
 
 from kernels.delta_product.utils import chunk_tokens
 
@@ -86,20 +86,10 @@ def time_ours(x, do, hvp=True):
 
 
 def time_fla(x, do, n_h):
-    from fla.ops.gated_delta_product import chunk_gated_delta_product
-
-    B, T, H, K = x["q"].shape
-    q = x["q"].detach().requires_grad_()
-    k = x["k"].detach().reshape(B, T * n_h, H, K).requires_grad_()
-    v = x["v"].detach().reshape(B, T * n_h, H, -1).requires_grad_()
-    beta = x["beta"].detach().reshape(B, T * n_h, H).requires_grad_()
-    g = x["g"].detach().float() if x["g"] is not None else None
-
-    def f():
-        return chunk_gated_delta_product(q, k, v, g, beta, num_householder=n_h)[0]
+    f = fla_fn(x, n_h)
 
     out = {}
-    for name, fn in (("fwd_ms", f), ("fwdbwd_ms", lambda: torch.autograd.grad(f(), (q, k, v, beta), do))):
+    for name, fn in (("fwd_ms", f), ("fwdbwd_ms", lambda: torch.autograd.grad(f(), f.inputs, do))):
         try:
             out[name] = bench(fn)
         except Exception as e:  # noqa: BLE001 - recorded as a result

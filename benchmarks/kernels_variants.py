@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import make_inputs, ours, reference_fn, rel
+from kernels_common import fla_fn, make_inputs, ours, reference_fn, rel
 
 from kernels.delta_product.utils import TUNING, Tuning, chunk_tokens
 
@@ -275,23 +275,6 @@ def time_case(case: Case, profile: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- fla
-
-def fla_fn(x: dict, n_h: int):
-    from fla.ops.gated_delta_product import chunk_gated_delta_product
-
-    B, T, H, K = x["q"].shape
-    q = x["q"].detach().requires_grad_()
-    k = x["k"].detach().reshape(B, T * n_h, H, K).requires_grad_()
-    v = x["v"].detach().reshape(B, T * n_h, H, -1).requires_grad_()
-    beta = x["beta"].detach().reshape(B, T * n_h, H).requires_grad_()
-    g = x["g"].detach().float() if x["g"] is not None else None
-
-    def f():
-        return chunk_gated_delta_product(q, k, v, g, beta, num_householder=n_h)[0]
-
-    f.inputs = (q, k, v, beta)
-    return f
-
 
 def time_fla(case: Case) -> dict:
     try:

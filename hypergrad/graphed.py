@@ -139,7 +139,7 @@ class GraphedAID:
         outcome = pending.outcome._replace(x=pending.outcome.x.clone())
         linear = pending._replace(outcome=outcome).finish(on_failure)
         grad = _static_copy(outputs.grad)
-        info = HypergradInfo(w=_static_copy(self._w), value=outputs.value.detach().clone(), linear=linear)
+        info = HypergradInfo(w=tree_map(torch.Tensor.detach, w), value=outputs.value.detach().clone(), linear=linear)
         return Hypergradient(grad, info)
 
     def reset(self) -> None:

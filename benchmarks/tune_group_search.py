@@ -3,7 +3,9 @@
     python benchmarks/tune_group_search.py --config examples/configs/s3_search.toml
     python benchmarks/tune_group_search.py --config examples/configs/s4_search.toml --device cpu
 
-Runs the study of the config from scratch (:func:`lrnn.tuning.search.run_search`), then writes
+Runs the study of the config from scratch (``--resume``: continues the study left in
+``runs/bench_<name>``, e.g. by a run that hit a time limit) with
+:func:`lrnn.tuning.search.run_search`, then writes
 ``benchmarks/results/tune_<name>.json`` (trials table, environment, per-trial trajectories) and
 ``.png`` (eigen_scale and monitored validation accuracy against outer step, one line per trial),
 and prints the trials table.
@@ -33,19 +35,23 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--device", help="override run.device")
     parser.add_argument("--out", type=Path, help="results stem (default benchmarks/results/tune_<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the study in runs/bench_<name>")
     args = parser.parse_args()
     config = load_config(args.config)
     run_dir = ROOT / "runs" / f"bench_{config.run.name}"
     run = dataclasses.replace(config.run, out_dir=str(run_dir), progress=False, device=args.device or config.run.device)
     config = dataclasses.replace(config, run=run)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     table = run_search(config)
     wall = time.perf_counter() - start
     trials = {}
     for row in table["trials"]:
-        summary = run_dir / f"trial_{row['number']}" / "summary.json"
-        log = run_dir / f"trial_{row['number']}" / "log.jsonl"
+        if row["fail_reason"] == "interrupted":
+            continue  # its retry continues it in the same folder
+        folder = run_dir / f"trial_{row['number'] if row['retry_of'] is None else row['retry_of']}"
+        summary, log = folder / "summary.json", folder / "log.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         trials[row["number"]] = {
             "params": row["params"], "state": row["state"],

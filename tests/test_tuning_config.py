@@ -46,6 +46,8 @@ def test_unknown_keys_are_named_with_the_valid_ones(values, key, listed):
         ({"outer": {"lr": -1.0}}, "outer.lr"),
         ({"run": {"progress": 1}}, "run.progress"),
         ({"task": {"name": "S7"}}, "task.name"),
+        ({"model": {"qk_activation": "relu"}}, "model.qk_activation"),
+        ({"search": {"workers": 0}}, "search.workers"),
         ({"task": {"train_len": [40, 3]}}, "task.train_len"),
         ({"outer": {"method": "aid"}, "hyper": {"lr": {"tune": True}}}, "ITD"),
         ({"inner": {"steps": 2}, "outer": {"truncate": 3}}, "outer.truncate"),

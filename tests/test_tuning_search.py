@@ -84,3 +84,16 @@ def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(tmp_path)
     table = run_search(from_dict(values), out_dir=tmp_path)
     assert [r["state"] for r in table["trials"]] == ["FAIL", "FAIL"]
     assert all("diverged" in r["fail_reason"] for r in table["trials"])
+
+
+def test_local_workers_share_the_study_without_running_a_grid_point_twice(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    values = {**BASE, "search": {**BASE["search"], "n_trials": 3, "workers": 2, "space": {"num_householder": [1, 2, 3]}}}
+    table = run_search(from_dict(values), out_dir=tmp_path)
+    trials = _study(tmp_path).trials
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.params["num_householder"] for t in trials) == [1, 2, 3]
+    assert sorted(r["number"] for r in table["trials"]) == [0, 1, 2]
+    for t in trials:  # every trial wrote its own folder, with the n_h it was given
+        summary = json.loads((tmp_path / f"trial_{t.number}" / "summary.json").read_text())
+        assert summary["config"]["model"]["num_householder"] == t.params["num_householder"]

@@ -73,6 +73,7 @@ class ModelSection:
     num_householder: int = 1
     mlp_ratio: int = 2
     short_conv: bool = True
+    qk_activation: str = "silu"
     forget_gate: bool = False
     backend: str = "chunked"
     chunk_size: int = 64
@@ -155,6 +156,7 @@ class SearchSection:
     objective: str = "val_loss"
     exclusive: bool = True
     heartbeat: int = 60
+    workers: int = 1
     space: dict = field(default_factory=lambda: {"num_householder": [1, 2]})
 
 
@@ -198,6 +200,7 @@ CHOICES = {
     ("run", "dtype"): ("float32", "float64"),
     ("task", "name"): TASKS,
     ("model", "backend"): ("chunked", "recurrent", "triton", "auto"),
+    ("model", "qk_activation"): ("silu", "identity"),
     ("inner", "optimizer"): ("adam", "sgd"),
     ("inner", "schedule"): ("constant", "cosine"),
     ("outer", "method"): ("itd", "truncated_itd", "checkpointed_itd", "aid"),
@@ -212,9 +215,12 @@ POSITIVE = {
     ("model", "num_layers"), ("model", "d_model"), ("model", "num_heads"), ("model", "num_householder"),
     ("model", "chunk_size"), ("inner", "steps"), ("outer", "lr"), ("outer", "aid_iterations"),
     ("outer", "aid_step_size"), ("outer", "aid_batch_size"), ("search", "n_trials"), ("search", "heartbeat"),
+    ("search", "workers"),
     ("outer", "truncate"), ("inner", "eps"),
 }
-SEARCHABLE = ("num_householder", "num_layers", "num_heads", "d_model", "mlp_ratio", "short_conv", "forget_gate")
+SEARCHABLE = (
+    "num_householder", "num_layers", "num_heads", "d_model", "mlp_ratio", "short_conv", "qk_activation", "forget_gate",
+)
 
 
 def _unknown(key: str, where: str, valid: list[str]) -> ConfigError:

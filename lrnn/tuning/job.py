@@ -90,7 +90,7 @@ def build(config: Config) -> Setup:
     train_config = TrainConfig(
         task=t.name, num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
         num_householder=m.num_householder, eigen_scale=2.0, forget_gate=m.forget_gate, short_conv=m.short_conv,
-        mlp_ratio=m.mlp_ratio, backend=m.backend, chunk_size=m.chunk_size,
+        qk_activation=m.qk_activation, mlp_ratio=m.mlp_ratio, backend=m.backend, chunk_size=m.chunk_size,
     )
     model = build_model(train_config, task).to(device=device, dtype=dtype)
     space = config.hyper_space()

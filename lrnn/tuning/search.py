@@ -6,9 +6,11 @@ runs hypergradient tuning of the continuous ones (:func:`lrnn.tuning.job.run_job
   loaded by name, so an interrupted study continues where it stopped.
 * Trial count: ``search.n_trials`` is the total over all sessions; trials that finished
   (complete, pruned, or failed for a reason of their own) count, interrupted ones do not.
-* Interrupted trials: with ``search.exclusive = true`` (one worker) a trial left ``RUNNING`` by a
-  killed process is marked failed ("interrupted") and re-queued with the same choices; the
-  retry resumes that trial's own checkpoint, so no outer step is lost.  With several workers
+* Workers: ``search.workers`` processes on this machine run trials side by side on the same
+  storage; several machines each run the command on one shared storage URL.
+* Interrupted trials: with ``search.exclusive = true`` (one command runs the study) a trial left
+  ``RUNNING`` by a killed process is marked failed ("interrupted") and re-queued with the same choices; the
+  retry resumes that trial's own checkpoint, so no outer step is lost.  With several machines
   (``exclusive = false``) optuna's heartbeat (``search.heartbeat`` seconds) detects dead
   trials and re-queues them the same way.
 * Pruning: the monitored validation metric is reported every ``run.eval_every`` outer steps;
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ from lrnn.tuning.report import write_json
 
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
+WORKER_STAGGER_S = 2.0
 
 
 def _optuna():
@@ -112,24 +118,65 @@ def run_search(config: Config, *, out_dir: str | Path | None = None, progress: b
 
     Every trial runs :func:`~lrnn.tuning.job.run_job` with the sampled ``[model]`` choices in
     ``<out_dir>/trial_<n>`` (resuming its checkpoint if the trial retries an interrupted one).
+    With ``search.workers = N > 1``, N processes on this machine share the study's storage and
+    run trials side by side (small models leave a GPU mostly idle, so N trials take about the
+    time of one); their progress bars are off.
     """
     optuna = _optuna()
     s = config.search
     out = Path(out_dir if out_dir is not None else config.run.out_dir)
     url = storage_url(config, out)
+    storage = _storage(optuna, url, config)
+    study = _study(optuna, config, storage)
+    if s.exclusive:
+        _requeue_interrupted(optuna, study, storage)
+    remaining = s.n_trials - _finished(optuna, study)
+    if remaining > 0 and s.workers == 1:
+        _optimize(config, out, url, remaining, progress)
+    elif remaining > 0:
+        shares = [remaining // s.workers + (i < remaining % s.workers) for i in range(s.workers)]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(s.workers, mp_context=context) as pool:
+            futures = [
+                pool.submit(_optimize, config, out, url, share, False, i * WORKER_STAGGER_S)
+                for i, share in enumerate(shares) if share
+            ]
+            for future in futures:
+                future.result()
+    table = trials_table(optuna, study)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(table, out / "trials.json")
+    print(format_trials(table))
+    return table
+
+
+def _study(optuna, config: Config, storage):
+    """The study of ``config.search`` in ``storage``, created on first use."""
+    s = config.search
     direction = "minimize" if s.objective == "val_loss" else "maximize"
     warmup = s.prune_warmup if s.prune_warmup >= 0 else config.outer.steps // 2
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=warmup)
         if s.pruner == "median" else optuna.pruners.NopPruner()
     )
-    storage = _storage(optuna, url, config)
-    study = optuna.create_study(
+    return optuna.create_study(
         storage=storage, study_name=s.study_name or config.run.name, direction=direction,
         sampler=_sampler(optuna, config), pruner=pruner, load_if_exists=True,
     )
-    if s.exclusive:
-        _requeue_interrupted(optuna, study, storage)
+
+
+def _optimize(config: Config, out: Path, url: str, n_trials: int, progress: bool | None, delay: float = 0.0) -> None:
+    """Run ``n_trials`` trials of the study in this process (one worker), after ``delay`` seconds.
+
+    Workers start apart so that each asks the grid sampler after the previous one's trial is
+    registered as running, and no grid point is handed out twice.
+    """
+    time.sleep(delay)
+    optuna = _optuna()
+    s = config.search
+    storage = _storage(optuna, url, config)
+    study = _study(optuna, config, storage)
+    minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
 
     def objective(trial) -> float:
         choices = {key: trial.suggest_categorical(key, values) for key, values in s.space.items()}
@@ -138,7 +185,7 @@ def run_search(config: Config, *, out_dir: str | Path | None = None, progress: b
         trial_dir = out / f"trial_{origin}"
 
         def report(step_report) -> bool:
-            metric = step_report.metrics.get("monitor_loss" if direction == "minimize" else "monitor_scaled_accuracy")
+            metric = step_report.metrics.get("monitor_loss" if minimize else "monitor_scaled_accuracy")
             if metric is not None and math.isfinite(metric):
                 trial.report(metric, step_report.step)
                 if trial.should_prune():
@@ -153,18 +200,11 @@ def run_search(config: Config, *, out_dir: str | Path | None = None, progress: b
         trial.set_user_attr("final_hyperparameters", summary["hyperparameters"]["final"])
         trial.set_user_attr("test_scaled_accuracy", summary["evaluations"][0]["summary"]["scaled_accuracy_test"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
-        if s.objective == "val_loss":
+        if minimize:
             return summary["final_monitor"]["loss"]
         return summary["evaluations"][0]["summary"]["scaled_accuracy_test"]
 
-    remaining = s.n_trials - _finished(optuna, study)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(InnerDivergenceError,))
-    table = trials_table(optuna, study)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(table, out / "trials.json")
-    print(format_trials(table))
-    return table
+    study.optimize(objective, n_trials=n_trials, catch=(InnerDivergenceError,))
 
 
 def trials_table(optuna, study) -> dict[str, Any]:

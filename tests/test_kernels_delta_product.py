@@ -27,7 +27,9 @@ def _poison(monkeypatch):
     monkeypatch.setenv("DELTA_PRODUCT_POISON", "1")
 
 
-def _check_first_order(x64: dict, dtype: torch.dtype, scale: float = 1.0) -> None:
+def _check_first_order(x64: dict, dtype: torch.dtype, scale: float = 1.0, naive_factor: float = 0.0) -> None:
+    """Every relative error within ``TOL[dtype]``, or (``naive_factor > 0``) within ``naive_factor``
+    times the error of the token-by-token recurrence run in ``dtype`` on the same inputs."""
     names = [n for n in ARGS if x64[n] is not None]
     ref_in = [x64[n].to(dtype).double().requires_grad_() for n in names]  # same rounding as the kernel's
     ker_in = [t.detach().to(dtype).requires_grad_() for t in ref_in]
@@ -40,8 +42,15 @@ def _check_first_order(x64: dict, dtype: torch.dtype, scale: float = 1.0) -> Non
     grads64 = torch.autograd.grad((o64 * do).sum() + (s64 * ds).sum(), ref_in)
     errs = {"o": rel_err(o.double(), o64), "final": rel_err(s.double(), s64)}
     errs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names, grads, grads64)})
-    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{dtype}: {bad} (all: {errs})"
+    allowed = dict.fromkeys(errs, TOL[dtype])
+    if naive_factor:
+        on, sn = delta_product_recurrent(**dict(zip(names, ker_in)), **kw)
+        naive = torch.autograd.grad((on.double() * do).sum() + (sn.double() * ds).sum(), ker_in)
+        nerrs = {"o": rel_err(on.double(), o64), "final": rel_err(sn.double(), s64)}
+        nerrs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names, naive, grads64)})
+        allowed = {k: max(TOL[dtype], naive_factor * nerrs[k]) for k in errs}
+    bad = {k: e for k, e in errs.items() if not e <= allowed[k]}
+    assert not bad, f"{dtype}: {bad} (all: {errs}, allowed: {allowed})"
 
 
 @pytest.mark.parametrize(
@@ -64,6 +73,17 @@ def test_bf16_matches_recurrence(n_h, gate):
     x = make_inputs(B=1, T=25, n_h=n_h, H=1, K=32, V=32, gate=gate, initial_state=gate, correlated=True,
                     seed=7 + n_h)
     _check_first_order(x, torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", [1000, 1001, 1008, 1039])
+def test_bf16_single_token_no_worse_than_a_bf16_recurrence(seed):
+    # One token, no initial state: o, dq and dβ are short sums of bf16-rounded products that can
+    # nearly cancel, so bf16 storage alone can miss the float64 value by more than 4e-2 (seed 1008:
+    # dq 0.063 here, 0.21 for the bf16 recurrence). The kernel must then be no worse than twice
+    # the plain bf16 recurrence.
+    torch.manual_seed(seed)  # the cotangents
+    x = make_inputs(B=1, T=1, n_h=2, H=1, K=64, V=64, beta_max=1.0, seed=seed)
+    _check_first_order(x, torch.bfloat16, scale=0.3, naive_factor=2.0)
 
 
 @pytest.fixture

@@ -121,6 +121,8 @@ def test_tuning_spec_is_validated():
         Tuning().update("warps=8")
     with pytest.raises(ValueError, match="inverse"):
         Tuning().update("inverse=dense")
+    with pytest.raises(ValueError, match="prec_f32"):
+        Tuning().update("prec_f32=fp16")
 
 
 def test_uncorrelated_keys_beta_up_to_one():

@@ -39,7 +39,9 @@ class Tuning:
             inverted by 16×16 tiles (forward substitution on the four diagonal tiles, six merges).
         prec_inverse: ``input_precision`` of the merge matmuls of the inverse on the GPU.
         prec_f32: ``input_precision`` of every other matmul for float32 inputs, ``ChunkScan``'s
-            included (``"tf32x3"``; ``"bf16x3"`` does half the tensor-core work, about 1e-5 accurate).
+            included (``"tf32x3"``, about float32 accuracy; ``"bf16x3"`` does half the tensor-core
+            work, about 1e-5 accurate; ``"tf32"``, one pass, 2–2.5× faster fwd+bwd on an H100 but
+            only as accurate as bf16; ``"ieee"``, no tensor cores).
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
             forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels.
         bv_scan: value columns per program of the chunk scans.
@@ -89,8 +91,10 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: unknown field `{name}`")
             kind = type(getattr(self, name))
             setattr(self, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("composed_inverse", ("solve", "kernel"))):
+                              ("composed_inverse", ("solve", "kernel")), ("prec_inverse", precisions),
+                              ("prec_f32", precisions)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
         return self

@@ -21,6 +21,7 @@ from torch import Tensor
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.composed import composed_delta_product
+from kernels.delta_product.varlen import varlen_delta_product
 from kernels.delta_product.utils import (
     FUSED_MAX_DIM,
     FUSED_MAX_NH,
@@ -154,6 +155,7 @@ def chunk_delta_product(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     scale: float = 1.0,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked DeltaProduct on Triton: per token ``S ← e^{g_t} S``, then for ``j = 1..n_h``
     ``S ← (I − β_{t,j} k_{t,j} k_{t,j}ᵀ) S + β_{t,j} k_{t,j} v_{t,j}ᵀ``; ``o_t = scale · Sᵀ q_t``.
@@ -168,13 +170,17 @@ def chunk_delta_product(
         beta: step sizes ``[B, T, n_h, H]``, ``β ∈ [0, 2]`` expected (not checked).
         g: optional log forget gate ``[B, T, H]`` (``≤ 0`` expected), applied before the first
             micro-step of each token.
-        initial_state: optional ``[B, H, K, V]``.
+        initial_state: optional ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``).
         output_final_state: also return the final state.
         scale: output factor.
+        cu_seqlens: optional offsets ``[N + 1]`` (int) of ``N`` sequences packed along ``T`` with
+            ``B = 1``: sequence ``n`` is tokens ``cu_seqlens[n] ≤ t < cu_seqlens[n+1]``, each with
+            its own initial and final state (run as a padded ``[N, max length]`` batch,
+            :mod:`kernels.delta_product.varlen`).
 
     Returns:
-        ``(o [B, T, H, V]`` in the dtype of ``q``, ``final_state [B, H, K, V]`` float32 (float64 for
-        float64 inputs) or None``)``.
+        ``(o [B, T, H, V]`` in the dtype of ``q``, ``final_state [B, H, K, V]`` (``[N, H, K, V]`` with
+        ``cu_seqlens``) float32 (float64 for float64 inputs) or None``)``.
 
     Fallbacks (documented, not silent errors): head dims ``K`` or ``V`` in (128, 256], ``n_h > 16``
     and float64 run the composed path (PyTorch inside chunks, the Triton scan across them);
@@ -188,6 +194,9 @@ def chunk_delta_product(
     Example:
         >>> o, s = chunk_delta_product(q, k, v, beta, g, output_final_state=True)  # doctest: +SKIP
     """
+    if cu_seqlens is not None:
+        return varlen_delta_product(chunk_delta_product, q, k, v, beta, g, initial_state, output_final_state,
+                                    scale, cu_seqlens)
     d = validate(q, k, v, beta, g, initial_state)
     ct = chunk_tokens(d.n_h)
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32

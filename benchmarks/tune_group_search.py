@@ -36,8 +36,10 @@ def main() -> None:
     parser.add_argument("--device", help="override run.device")
     parser.add_argument("--out", type=Path, help="results stem (default benchmarks/results/tune_<name>)")
     parser.add_argument("--resume", action="store_true", help="continue the study in runs/bench_<name>")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable; the value is read as TOML)")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     run_dir = ROOT / "runs" / f"bench_{config.run.name}"
     run = dataclasses.replace(config.run, out_dir=str(run_dir), progress=False, device=args.device or config.run.device)
     config = dataclasses.replace(config, run=run)

@@ -123,3 +123,21 @@ def test_diverging_inner_training_exits_with_its_reason(tmp_path, capsys):
 def test_check_prints_the_validated_config(tmp_path, capsys):
     assert main(["check", str(_config(tmp_path, "c", steps=7))]) == 0
     assert json.loads(capsys.readouterr().out)["outer"]["steps"] == 7
+
+
+def test_set_overrides_config_values_and_names_bad_keys(tmp_path, capsys):
+    config = str(_config(tmp_path, "c", steps=7))
+    overrides = ["--set", "outer.steps=11", "--set", "run.device=cpu", "--set", "search.space.num_householder=[2, 4]",
+                 "--set", "hyper.eigen_scale.init=1.5", "--set", "model.short_conv=false"]
+    assert main(["check", config, *overrides]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["outer"]["steps"] == 11 and out["run"]["device"] == "cpu"  # a bare word is a string
+    assert out["search"]["space"] == {"num_householder": [2, 4]}
+    assert out["hyper"]["eigen_scale"]["init"] == 1.5 and out["model"]["short_conv"] is False
+    assert main(["check", config, "--set", "outer.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "'outer.stepz'" in err and "steps" in err
+    assert main(["check", config, "--set", "outer.steps"]) == 2
+    assert "section.key=value" in capsys.readouterr().err
+    assert main(["check", config, "--set", "outer.steps.x=1"]) == 2
+    assert "'outer.steps' is a value" in capsys.readouterr().err

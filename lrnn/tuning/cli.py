@@ -1,14 +1,15 @@
 """The ``hypergrad`` command: run a tuning job or an optuna search from a TOML config.
 
-    hypergrad run config.toml [--resume] [--out-dir DIR] [--quiet]
-    hypergrad check config.toml
+    hypergrad run config.toml [--resume] [--out-dir DIR] [--quiet] [--set section.key=value ...]
+    hypergrad check config.toml [--set section.key=value ...]
     python -m lrnn.tuning.cli run config.toml          # the same without the entry point
 
 ``run`` tunes the continuous hyperparameters by hypergradients (:func:`lrnn.tuning.job.run_job`),
 or, when the config has a ``[search]`` section, runs an optuna study over its discrete choices
 in which every trial does so (:func:`lrnn.tuning.search.run_search`).  ``--resume`` continues a
 killed run from its last checkpoint (the study from its storage).  ``check`` validates the config
-only.  Exit codes: 0 success, 2 invalid config or output folder, 3 diverging inner training.
+only.  ``--set`` changes a config value without editing the file (``--set outer.steps=1600
+--set run.device=cuda``; values are read as TOML).  Exit codes: 0 success, 2 invalid config or output folder, 3 diverging inner training.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     check = commands.add_parser("check", help="validate a config file and print it")
     check.add_argument("config", help="TOML config file")
+    for command in (run, check):
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a config value (repeatable; the value is read as TOML)")
     return p
 
 
@@ -39,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hypergrad`` (console script ``lrnn.tuning.cli:main``)."""
     args = parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.set)
         if args.command == "check":
             import json
 

@@ -10,9 +10,11 @@ range the model accepts (``s ∈ [1, 2]``, ``m ∈ [0, 1]``, ``lr > 0``, ``weigh
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,12 +349,38 @@ def from_dict(values: dict[str, Any]) -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read and validate a TOML config file, after the ``overrides`` (see :func:`apply_overrides`)."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             values = tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
-    return from_dict(values)
+    return from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``values`` with each ``"section.key=value"`` set (nested tables created as needed).
+
+    The value is read as a TOML value (``outer.steps=1600``, ``search.space.num_householder=[2, 4]``,
+    ``run.device="cuda"``); one that is not valid TOML is taken as a string (``run.device=cuda``).
+    Keys are checked afterwards, like the file's.
+    """
+    out = copy.deepcopy(values)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table = out
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a table")
+        table[parts[-1]] = value
+    return out

@@ -135,6 +135,8 @@ def run_search(config: Config, *, out_dir: str | Path | None = None, progress: b
         _optimize(config, out, url, remaining, progress)
     elif remaining > 0:
         shares = [remaining // s.workers + (i < remaining % s.workers) for i in range(s.workers)]
+        print(f"{remaining} trials in {min(s.workers, remaining)} worker processes; each writes "
+              f"{out}/trial_<n>/log.jsonl as it goes", flush=True)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(s.workers, mp_context=context) as pool:
             futures = [

@@ -15,7 +15,8 @@ Relative errors ``‖x − ref‖ / ‖ref‖`` per tensor; tolerances: float32 
 (bf16 rounding of the intermediates, not of the inputs: the reference uses the same rounded
 inputs). A bf16 fuzz case above 4e-2 is run again beside the token-by-token recurrence in bf16
 on the same inputs and cotangents; it passes as ill-conditioned (recorded under ``conditioned``)
-when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json`` and prints a summary last.
+when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json``
+and prints a summary last.
 
     python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--out DIR]
 """

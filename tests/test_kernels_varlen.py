@@ -15,7 +15,7 @@ from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
 ARGS = ("q", "k", "v", "beta", "g")
-LENGTHS = [5, 0, 23, 1, 9]  # sequence 1 is empty; 23 > 21 tokens per chunk at n_h = 3
+LENGTHS = [5, 0, 23, 1, 9, 0]  # two empty sequences, one of them last; 23 > 21 tokens per chunk at n_h = 3
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,8 @@ def test_packed_sequences_match_each_sequence_alone(n_h, gate):
     errs = {"o": rel_err(o.double(), o64), "final": rel_err(s.double(), s64)}
     errs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names + ["initial_state"], grads, grads64)})
     assert max(errs.values()) < 2e-5, errs
-    assert torch.equal(s[1], ker_in[-1][1].detach())  # the empty sequence keeps its initial state
+    for n in (1, 5):  # the empty sequences keep their initial states
+        assert torch.equal(s[n], ker_in[-1][n].detach())
 
 
 def test_packed_float64_second_order_and_forward_mode():

@@ -39,14 +39,15 @@ def check_cu_seqlens(cu_seqlens: Tensor, q: Tensor, initial_state: Tensor | None
 
 
 def padding_index(lengths: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``index [N, T_max]`` into the packed axis (clamped inside each sequence) and ``mask [N, T_max]``."""
-    T_max = max(max(lengths), 1)
-    t = torch.arange(T_max, device=device)
+    """``index [N, T_max]`` into the packed axis and ``mask [N, T_max]`` of the real tokens.
+
+    Padding entries point at some valid token (the gathered values are masked out); at least
+    one sequence must be non-empty.
+    """
+    t = torch.arange(max(lengths), device=device)
     starts = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
-    length = torch.tensor(lengths, device=device)
-    mask = t < length[:, None]
-    index = starts[:, None] + torch.minimum(t, (length - 1).clamp(min=0)[:, None])
-    return index, mask
+    mask = t < torch.tensor(lengths, device=device)[:, None]
+    return (starts[:, None] + t).clamp(max=sum(lengths) - 1), mask
 
 
 def varlen_delta_product(

@@ -114,6 +114,21 @@ def precompile(configs, workers=12):
         return [e for e in pool.map(_warm_one, unique) if e]
 
 
+def hvp_fn(x: dict, do):
+    """A closure computing one Hessian-vector product of ``⟨do, o(x)⟩`` by double backward through
+    ``ours``, in fixed random directions, w.r.t. every tensor of ``x`` (which must require grad)."""
+    ins = {n: t for n, t in x.items() if t is not None}
+    xs = list(ins.values())
+    vs = [torch.randn_like(t) for t in xs]
+
+    def hv():
+        o, _ = ours(ins)
+        gs = torch.autograd.grad(o, xs, do, create_graph=True)
+        torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
+
+    return hv
+
+
 def fla_fn(x: dict, n_h: int):
     """fla 0.6.0's ``chunk_gated_delta_product`` on our inputs (micro-steps interleaved to length
     ``n_h·T``, as in ``../shared/anchors/fla_deltaproduct_bench.py``): a closure returning ``o``, with

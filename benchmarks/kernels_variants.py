@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import fla_fn, make_inputs, ours, reference_fn, rel
+from kernels_common import fla_fn, hvp_fn, make_inputs, ours, reference_fn, rel
 
 from kernels.delta_product.utils import TUNING, Tuning, chunk_tokens
 
@@ -330,16 +330,8 @@ def hvp_check_and_time(B, T, H, D, n_h, device, sub_B, sub_H, do_time, profile):
 
 
 def time_hvp(x, profile, out):
-    xs = [t.detach().requires_grad_(True) for t in x.values() if t is not None]
-    ins = dict(zip([n for n, t in x.items() if t is not None], xs))
-    do = torch.randn_like(ins["q"])
-    vs = [torch.randn_like(t) for t in xs]
-
-    def hv():
-        o, _ = ours(ins)
-        gs = torch.autograd.grad(o, xs, do, create_graph=True)
-        torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
-
+    ins = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
+    hv = hvp_fn(ins, torch.randn_like(ins["q"]))
     try:
         ms = bench(hv, rep=20)
     except torch.OutOfMemoryError as e:

@@ -37,11 +37,14 @@ def make_inputs(B, T, H, K, V, n_h, *, dtype=torch.bfloat16, gate=False, h0=Fals
     return {n: (t.to(dtype) if t is not None else None) for n, t in x.items()}
 
 
-def torch_scan(A, Bm, h0):
-    """``H_{c+1} = A_c H_c + B_c`` as a PyTorch loop (any dtype; float64 reference on the GPU)."""
+def torch_scan(a, X, Y, Bm, h0):
+    """``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c)`` (``a = None``: 1) as a PyTorch loop, the
+    ``scan=`` of ``composed_delta_product`` (any dtype; float64 reference on the GPU)."""
     hs = [h0]
-    for c in range(A.shape[1]):
-        hs.append(A[:, c] @ hs[-1] + Bm[:, c])
+    for c in range(X.shape[1]):
+        h = hs[-1]
+        decayed = h if a is None else a[:, c, None, None] * h
+        hs.append(decayed + X[:, c].transpose(-1, -2) @ (Bm[:, c] - Y[:, c] @ h))
     return torch.stack(hs, 1)
 
 

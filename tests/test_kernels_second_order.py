@@ -1,9 +1,10 @@
 """Second order and forward mode of the DeltaProduct kernels, against float64 autograd / torch.func
 on the token-by-token recurrence (fresh random inputs, correlated keys, ``β`` up to 2):
 
-* the scan primitive ``ChunkScan`` (forward and reverse, transposed or not): values, gradients,
-  double backward and ``jvp`` against a PyTorch loop, float64, to rounding;
-* the composed chunked form (PyTorch inside chunks + ``ChunkScan``) in float64: equal to the
+* the low-rank scan primitive ``chunk_scan`` (forward and reverse, with and without the dense
+  injection ``C`` and ``h0``): values, gradients, double backward and ``jvp`` against a PyTorch loop,
+  float64, to rounding; first and second derivatives against finite differences (gradcheck);
+* the composed chunked form (PyTorch inside chunks + ``chunk_scan``) in float64: equal to the
   recurrence to rounding for outputs, gradients, Hessian-vector products and ``jvp``;
 * the public function in float32 (fused kernels for value and gradient; double backward and
   ``jvp`` through the composed form): Hessian-vector products by double backward and
@@ -28,24 +29,52 @@ def _poison(monkeypatch):
     monkeypatch.setenv("DELTA_PRODUCT_POISON", "1")
 
 
-def _loop_scan(A, B, h0, reverse, transpose):
-    n = A.shape[1]
-    op = (lambda a: a.transpose(-1, -2)) if transpose else (lambda a: a)
+def _loop_scan(a, X, Y, B, h0, C, reverse):
+    """``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c) + C_c`` (mirrored for ``reverse``), a PyTorch loop."""
+    n = X.shape[1]
+    if h0 is None:
+        h0 = torch.zeros(X.shape[0], X.shape[-1], (B if B is not None else C).shape[-1], dtype=X.dtype)
     H = [h0] * (n + 1)
     for c in (reversed(range(n)) if reverse else range(n)):
-        H[c if reverse else c + 1] = op(A[:, c]) @ H[c + 1 if reverse else c] + B[:, c]
+        h = H[c + 1 if reverse else c]
+        res = -(Y[:, c] @ h) if B is None else B[:, c] - Y[:, c] @ h
+        new = a[:, c, None, None] * h + X[:, c].transpose(-1, -2) @ res
+        H[c if reverse else c + 1] = new if C is None else new + C[:, c]
     return torch.stack(H, 1)
 
 
-@pytest.mark.parametrize("reverse, transpose, K", [(False, False, 20), (True, True, 20), (False, True, 70)])
-def test_scan_all_orders(reverse, transpose, K):
-    gen = torch.Generator().manual_seed(K + 2 * reverse + transpose)
-    A = (0.3 * torch.randn(2, 3, K, K, generator=gen, dtype=torch.float64)).requires_grad_()
-    B = torch.randn(2, 3, K, 9, generator=gen, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, K, 9, generator=gen, dtype=torch.float64, requires_grad=True)
-    xs = (A, B, h0)
-    f = lambda *a: chunk_scan(*a, reverse, transpose)
-    fr = lambda *a: _loop_scan(*a, reverse, transpose)
+def _scan_inputs(BH, N, L, K, V, seed, with_b=True, with_c=True, with_h0=True):
+    """Float64 ``(a, X, Y, B, h0, C)`` (None where left out) with a contracting transition."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rn(*s, std=1.0):
+        return std * torch.randn(*s, generator=gen, dtype=torch.float64)
+
+    a = torch.rand(BH, N, generator=gen, dtype=torch.float64)
+    X, Y = rn(BH, N, L, K, std=0.5 / K ** 0.5), rn(BH, N, L, K, std=0.5 / K ** 0.5)
+    return (a, X, Y, rn(BH, N, L, V) if with_b else None, rn(BH, K, V) if with_h0 else None,
+            rn(BH, N, K, V) if with_c else None)
+
+
+@pytest.mark.parametrize("reverse, with_c, with_h0, L, K", [(False, True, True, 5, 20), (True, True, False, 5, 20),
+                                                            (False, False, True, 70, 70), (True, False, True, 9, 200)])
+def test_scan_all_orders(reverse, with_c, with_h0, L, K):
+    """The low-rank scan against the float64 loop: values, gradients of every input, HVP by double
+    backward and by forward-over-reverse, and jvp, to rounding; ``L, K > 64`` loop over row blocks
+    of ``X, Y`` and the state."""
+    full = _scan_inputs(2, 3, L, K, 9, seed=K + L + 2 * reverse + with_c, with_c=with_c, with_h0=with_h0)
+    idx = [i for i, t in enumerate(full) if t is not None]
+    xs = tuple(full[i].clone().requires_grad_() for i in idx)
+
+    def bind(fn):  # fn of the present inputs only
+        def f(*t):
+            args = list(full)
+            for i, x in zip(idx, t):
+                args[i] = x
+            return fn(*args, reverse)
+        return f
+
+    f, fr = bind(chunk_scan), bind(_loop_scan)
     H, Hr = f(*xs), fr(*xs)
     assert rel_err(H, Hr) < 1e-13
     w = torch.randn_like(H)
@@ -58,6 +87,28 @@ def test_scan_all_orders(reverse, transpose, K):
         assert rel_err(a, b) < 1e-12
     prim = tuple(x.detach() for x in xs)
     assert rel_err(torch.func.jvp(f, prim, tuple(vs))[1], torch.func.jvp(fr, prim, tuple(vs))[1]) < 1e-12
+    fwd_over_rev = torch.func.jvp(lambda *t: torch.func.vjp(f, *t)[1](w), prim, tuple(vs))[1]
+    for a, b in zip(fwd_over_rev, hvr):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_gradcheck(reverse):
+    """Finite differences (float64, ``fast_mode``: a random projection of the Jacobian): first
+    derivatives of all six inputs (``gradcheck``) and second derivatives (``gradgradcheck``); then
+    with ``B`` and ``C`` absent. (``jvp`` is held to the loop's in :func:`test_scan_all_orders`.)"""
+    xs = tuple(t.requires_grad_() for t in _scan_inputs(1, 3, 3, 5, 4, seed=7 + reverse))
+
+    def f(*t):
+        return chunk_scan(*t, reverse)
+
+    assert torch.autograd.gradcheck(f, xs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, xs, fast_mode=True)
+    a, X, Y, _, h0, _ = xs
+    assert torch.autograd.gradcheck(lambda *t: chunk_scan(*t[:3], None, t[3], None, reverse), (a, X, Y, h0),
+                                    fast_mode=True)
+    with pytest.raises(ValueError, match="h0"):
+        chunk_scan(a, X, Y, None, None)
 
 
 @pytest.mark.parametrize("L", [64, 63, 20])
@@ -128,10 +179,12 @@ def test_composed_form_float64_all_orders():
     _all_orders(composed, x, 1e-12, torch.float64)
 
 
-@pytest.mark.parametrize("T, n_h, gate, h0, inverse", [(40, 2, True, True, "solve"), (23, 3, False, False, "solve"),
-                                                     (30, 2, True, True, "kernel")])
-def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, monkeypatch):
+@pytest.mark.parametrize("T, n_h, gate, h0, inverse, hvp_mode", [
+    (40, 2, True, True, "solve", "rev_rev"), (23, 3, False, False, "solve", "rev_rev"),
+    (30, 2, True, True, "kernel", "rev_rev"), (30, 3, True, True, "kernel", "fwd_rev")])
+def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeypatch):
     monkeypatch.setattr(TUNING, "composed_inverse", inverse)  # the composed path's (I + A)⁻¹
+    monkeypatch.setattr(TUNING, "hvp_mode", hvp_mode)  # double backward: vjp of vjp, or jvp of vjp
     x = make_inputs(B=1, T=T, n_h=n_h, H=2, K=16, V=16, gate=gate, initial_state=h0, correlated=True, seed=T)
 
     def kernel(**a):

@@ -5,8 +5,9 @@ differentiable form for everything of higher order.
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
   forward-mode through :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
-  Hessian-vector products) is the reverse-over-reverse derivative of the composed form, whose only
-  sequential part is :class:`~kernels.delta_product.scan.ChunkScan`.
+  Hessian-vector products) is the second derivative of the composed form, reverse-over-reverse or
+  forward-over-reverse (``TUNING.hvp_mode``), whose only sequential part is the low-rank
+  :func:`~kernels.delta_product.scan.chunk_scan`.
 
 Both Functions use ``setup_context`` and save only inputs and outputs, so ``torch.func.grad``,
 ``torch.func.vjp`` and ``torch.func.jvp`` apply (``vmap`` is not supported).
@@ -127,19 +128,42 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
             dht = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], device=q.device,
                               dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
-        def first_order(*args: Tensor) -> tuple[Tensor, ...]:
-            *x, do_, dht_ = args
-            out, pull = torch.func.vjp(f, *x)
-            return pull((do_.to(out[0].dtype), dht_.to(out[1].dtype)))
-
         cot_map = dict(zip(_PRIMALS, cot))
         cotangents = tuple(torch.zeros_like(prim[n]) if cot_map[n] is None else cot_map[n] for n in present)
         with _matmul_precision(q):
-            _, pull2 = torch.func.vjp(first_order, *xs, do, dht)
-            g = pull2(cotangents)
-        gx = dict(zip(present, g[:-2]))
-        ddht = g[-1] if had_dht else None
-        return tuple(gx.get(n) for n in _PRIMALS) + (g[-2], ddht, None) + (None,) * ctx.n_saved
+            if TUNING.hvp_mode == "fwd_rev":
+                gx, ddo, ddht = _forward_over_reverse(f, xs, do, dht, cotangents)
+            else:
+                gx, ddo, ddht = _reverse_over_reverse(f, xs, do, dht, cotangents)
+        gx = dict(zip(present, gx))
+        return tuple(gx.get(n) for n in _PRIMALS) + (ddo, ddht if had_dht else None, None) + (None,) * ctx.n_saved
+
+
+def _reverse_over_reverse(f, xs: tuple[Tensor, ...], do: Tensor, dht: Tensor, v: tuple[Tensor, ...]):
+    """Cotangents of ``(x, do, dht) ↦ J_f(x)ᵀ (do, dht)`` for the cotangent ``v`` of its output, by
+    ``torch.func.vjp`` of ``torch.func.vjp``: ``(∇²_x ⟨f(x), (do, dht)⟩ v, J_f(x) v)``."""
+
+    def first_order(*args: Tensor) -> tuple[Tensor, ...]:
+        *x, do_, dht_ = args
+        out, pull = torch.func.vjp(f, *x)
+        return pull((do_.to(out[0].dtype), dht_.to(out[1].dtype)))
+
+    _, pull2 = torch.func.vjp(first_order, *xs, do, dht)
+    g = pull2(v)
+    return g[:-2], g[-2], g[-1]
+
+
+def _forward_over_reverse(f, xs: tuple[Tensor, ...], do: Tensor, dht: Tensor, v: tuple[Tensor, ...]):
+    """The same three cotangents from one ``torch.func.jvp`` in the direction ``v`` of
+    ``x ↦ (f(x), J_f(x)ᵀ (do, dht))``: its tangents are ``J_f(x) v`` (the cotangent of ``(do, dht)``)
+    and, by the symmetry of ``∇²_x ⟨f(x), (do, dht)⟩``, the cotangent of ``x``."""
+
+    def value_and_pullback(*x: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, ...]]:
+        out, pull = torch.func.vjp(f, *x)
+        return out, pull((do.to(out[0].dtype), dht.to(out[1].dtype)))
+
+    _, ((do_dot, dht_dot), gx) = torch.func.jvp(value_and_pullback, xs, v)
+    return gx, do_dot.to(do.dtype), dht_dot.to(dht.dtype)
 
 
 def _fused_ok(q: Tensor, K: int, V: int, n_h: int) -> bool:

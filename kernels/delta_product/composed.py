@@ -1,5 +1,6 @@
 """DeltaProduct by chunks, composed of differentiable pieces: batched PyTorch ops inside a
-chunk and :class:`~kernels.delta_product.scan.ChunkScan` across chunks.
+chunk and the low-rank chunk scan :class:`~kernels.delta_product.scan.LowRankChunkScan` across
+chunks.
 
 It serves as the second-order and forward-mode path of the fused kernels (their backward's
 backward and their ``jvp`` differentiate this function) and as the fallback for head dims the
@@ -7,9 +8,12 @@ fused kernels do not take. Per chunk of ``CT`` tokens (``L = CT·n_h`` micro-ste
 token-level chunk-cumulative log gate ``G``, ``G_i`` that of the token of step ``i``):
 
     A = tril(diag(β) (K Kᵀ ⊙ E), −1),  E_ij = e^{G_i − G_j};   (I + A) [W, U] = [diag(β e^G) K, diag(β) V]
-    K̃ = diag(e^{G_L − G}) K;   A_c = e^{G_L} I − K̃ᵀ W;   B_c = K̃ᵀ U
+    K̃ = diag(e^{G_L − G}) K
     P = Q Kᵀ ⊙ M,  M_ti = e^{Gq_t − G_i} [i ≤ last(t)];   Q̃ = diag(e^{Gq}) Q − P W;   O₀ = P U
-    h_{c+1} = A_c h_c + B_c  (ChunkScan),   O_c = scale · (Q̃_c h_c + O₀_c).
+    h_{c+1} = e^{G_L} h_c + K̃ᵀ (U − W h_c)  (chunk_scan: a = e^{G_L}, X = K̃, Y = W, B = U),
+    O_c = scale · (Q̃_c h_c + O₀_c).
+
+No ``K×K`` matrix is formed: the chunk transition ``e^{G_L} I − K̃ᵀ W`` stays in its rank-``L`` form.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def _decay(rows: Tensor, cols: Tensor, mask: Tensor, vary: Tensor) -> Tensor:
 
 def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None,
                            h0: Tensor | None, scale: float, ct: int,
-                           scan: Callable[[Tensor, Tensor, Tensor], Tensor] = chunk_scan) -> tuple[Tensor, Tensor]:
+                           scan: Callable[..., Tensor] = chunk_scan) -> tuple[Tensor, Tensor]:
     """Outputs and final state of DeltaProduct from differentiable chunk-level pieces.
 
     Args:
@@ -44,7 +48,8 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
         h0: initial state ``[B, H, K, V]`` or None.
         scale: output factor.
         ct: tokens per chunk (must match the ``G`` chunking).
-        scan: the chunk scan ``(A [BH, n, K, K], B [BH, n, K, V], h0 [BH, K, V]) → H [BH, n+1, K, V]``;
+        scan: the chunk scan ``(a [BH, n] or None, X, Y [BH, n, L, K], B [BH, n, L, V], h0 [BH, K, V])
+            → H [BH, n+1, K, V]`` with ``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c)`` (None: ``a = 1``);
             any differentiable implementation (the GPU checks pass a float64 PyTorch loop).
 
     Returns:
@@ -82,10 +87,10 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
         last_real[-1] = (T - 1) % ct  # the chunk's last real token: its factor e^{G_L − G_i} is exactly 1
         ones = torch.ones(L, dtype=torch.bool, device=q.device)
         kt = _decay(gl[..., None], gi, ones, tok < last_real)[..., 0, :, None] * kc
-        decay_l = gl.exp()[..., None, None]
+        decay_l = gl.exp().reshape(B * H, nc)
         qd = gq.exp()[..., None] * qc
     else:
-        E, Mq, x, kt, decay_l, qd = strict.to(dt), causal.to(dt), bc[..., None] * kc, kc, 1.0, qc
+        E, Mq, x, kt, decay_l, qd = strict.to(dt), causal.to(dt), bc[..., None] * kc, kc, None, qc
     A = bc[..., None] * (kc @ kc.transpose(-1, -2)) * E
     if TUNING.composed_inverse == "kernel":
         Tinv = unit_lower_inverse(A)
@@ -95,14 +100,11 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
         wu = torch.linalg.solve_triangular(eye_l + A, torch.cat([x, bc[..., None] * vc], -1),
                                            upper=False, unitriangular=True)
         W, U = wu[..., :K], wu[..., K:]
-    eye_k = torch.eye(K, dtype=dt, device=q.device)
-    Ac = decay_l * eye_k - kt.transpose(-1, -2) @ W  # [B, H, nc, K, K]
-    Bc = kt.transpose(-1, -2) @ U
     P = (qc @ kc.transpose(-1, -2)) * Mq  # [B, H, nc, ct, L]
     Qt = qd - P @ W
     O0 = P @ U
     start = torch.zeros(B * H, K, V, dtype=dt, device=q.device) if h0 is None else h0.to(dt).reshape(B * H, K, V)
-    Hs = scan(Ac.reshape(B * H, nc, K, K), Bc.reshape(B * H, nc, K, V), start)
+    Hs = scan(decay_l, kt.reshape(B * H, nc, L, K), W.reshape(B * H, nc, L, K), U.reshape(B * H, nc, L, V), start)
     O = Qt @ Hs[:, :nc].reshape(B, H, nc, K, V) + O0
     o = O.permute(0, 2, 3, 1, 4).reshape(B, nc * ct, H, V)[:, :T]
     return o, Hs[:, nc].reshape(B, H, K, V)

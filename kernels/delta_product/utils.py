@@ -38,8 +38,8 @@ class Tuning:
             forward substitution over 64×64 tiles; ``"tiles"``: ``A`` staged in the ``Ti`` buffer and
             inverted by 16×16 tiles (forward substitution on the four diagonal tiles, six merges).
         prec_inverse: ``input_precision`` of the merge matmuls of the inverse on the GPU.
-        prec_f32: ``input_precision`` of every other matmul for float32 inputs, ``ChunkScan``'s
-            included (``"tf32x3"``, about float32 accuracy; ``"bf16x3"`` does half the tensor-core
+        prec_f32: ``input_precision`` of every other matmul for float32 inputs, the low-rank
+            ``chunk_scan``'s included (``"tf32x3"``, about float32 accuracy; ``"bf16x3"`` does half the tensor-core
             work, about 1e-5 accurate; ``"tf32"``, one pass, 2–2.5× faster fwd+bwd on an H100 but
             only as accurate as bf16; ``"ieee"``, no tensor cores).
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
@@ -57,6 +57,9 @@ class Tuning:
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
             (``torch.linalg.solve_triangular``) or ``"kernel"`` (``tri_inverse.unit_lower_inverse``
             and matmuls: all its derivatives are batched matmuls).
+        hvp_mode: how the double backward differentiates the composed form: ``"rev_rev"``
+            (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
+            ``x ↦ (f(x), vjp)``, no graph of the backward kept).
     """
 
     inverse: str = "tiles"
@@ -75,6 +78,7 @@ class Tuning:
     bwd_store: str = "input"
     hvp_tf32: bool = False
     composed_inverse: str = "kernel"
+    hvp_mode: str = "rev_rev"
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -93,7 +97,8 @@ class Tuning:
             setattr(self, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
         precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("composed_inverse", ("solve", "kernel")), ("prec_inverse", precisions),
+                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("rev_rev", "fwd_rev")),
+                              ("prec_inverse", precisions),
                               ("prec_f32", precisions)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

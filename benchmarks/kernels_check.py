@@ -8,7 +8,10 @@ NaN-poisoned (``DELTA_PRODUCT_POISON=1``), so an element no kernel writes fails 
 2. Double backward (Hessian-vector product) and ``torch.func.jvp`` at the benchmark ``T``, ``D``
    and ``n_h`` with ``B = 1, H = 2``, gate and initial state on (the float64 reference's double
    backward is memory-bound; the gated path exercises every second-order term).
-3. A fuzz run over random shapes, ``β`` (end points included, correlated keys), gates, initial
+3. Variable-length batches (``cu_seqlens``): sequences of lengths 1000, 0, 37, 2048, 1 and 700
+   packed in one row, gate and initial states on, against the float64 reference on each sequence
+   alone (``D ∈ {64, 128}``, ``n_h ∈ {1, 2, 3}``, bf16 and float32).
+4. A fuzz run over random shapes, ``β`` (end points included, correlated keys), gates, initial
    states, dtypes and scales: forward and backward always, double backward and jvp on one in 20.
 
 Relative errors ``‖x − ref‖ / ‖ref‖`` per tensor; tolerances: float32 1e-4, bf16 4e-2
@@ -38,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import NAMES, env_info, make_inputs, ours, precompile, reference, reference_fn, rel
 
+from kernels.delta_product import chunk_delta_product
 from lrnn.ops.recurrent import delta_product_recurrent
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
@@ -93,6 +97,38 @@ def second_order(x, scale):
     _, jo64 = torch.func.jvp(lambda *a: f64(dict(zip(prim, a)))[0], tuple(t.double() for t in prim.values()),
                              tuple(t.double() for t in tang))
     err["jvp_o"] = rel(jo, jo64)
+    return err
+
+
+VARLEN_LENGTHS = [1000, 0, 37, 2048, 1, 700]  # an empty sequence, one token, several chunks
+
+
+def varlen(D, n_h, dtype, scale, lengths=VARLEN_LENGTHS, device="cuda"):
+    """Errors of a packed variable-length batch (``cu_seqlens``, gate and initial states on) against
+    the float64 reference run on each sequence alone; cotangents on outputs and final states."""
+    T, N = sum(lengths), len(lengths)
+    x = make_inputs(1, T, 4, D, D, n_h, dtype=dtype, gate=True, correlated=n_h > 1, device=device, seed=D + n_h)
+    x["initial_state"] = torch.randn(N, 4, D, D, device=device).to(dtype)
+    cu = torch.tensor([0] + list(lengths), device=device).cumsum(0)
+    xs = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+    o, s = chunk_delta_product(*(xs[n] for n in NAMES[:5]), initial_state=xs["initial_state"],
+                               output_final_state=True, scale=scale, cu_seqlens=cu)
+    f64, outs, finals = reference_fn(scale, n_h), [], []
+    for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        if a == b:
+            finals.append(x64["initial_state"][i])
+            continue
+        part = {n: x64[n][:, a:b] for n in NAMES[:5]}
+        oi, si = f64(dict(part, initial_state=x64["initial_state"][i:i + 1]))
+        outs.append(oi)
+        finals.append(si[0])
+    o64, s64 = torch.cat(outs, 1), torch.stack(finals)
+    do, ds = torch.randn_like(o64), torch.randn_like(s64)
+    g = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), list(xs.values()))
+    g64 = torch.autograd.grad((o64 * do).sum() + (s64 * ds).sum(), list(x64.values()))
+    err = {"o": rel(o, o64), "final": rel(s, s64)}
+    err.update({f"d{n}": rel(a, b) for n, a, b in zip(xs, g, g64)})
     return err
 
 
@@ -225,7 +261,18 @@ def main():
                     print(json.dumps(row), flush=True)
                     torch.cuda.empty_cache()
                     _save(res, args.out)
+    res["varlen"] = []
+    for D in (64, 128):
+        for n_h in (1, 2, 3):
+            for dt in (torch.bfloat16, torch.float32):
+                try:
+                    r = judge(varlen(D, n_h, dt, D ** -0.5), dt)
+                except Exception as e:  # noqa: BLE001 - recorded as a result
+                    r = dict(ok=False, max=float("nan"), bad={"exception": repr(e)[:300]})
+                res["varlen"].append(dict(lengths=VARLEN_LENGTHS, H=4, D=D, n_h=n_h, dtype=str(dt)[6:], **r))
+                print(json.dumps(res["varlen"][-1]), flush=True)
     res["all_ok"] = (all(r["first"]["ok"] and r["second"]["ok"] for r in rows) and not fails
+                     and all(r["ok"] for r in res["varlen"])
                      and res["float64_composed_path"]["ok"] and (args.no_shapes or len(rows) == 3 * 2 * 2 * len(shapes)))
     _save(res, args.out)
     print(f"\n{res['device']} torch {res['torch']} triton {res['triton']}  precompile {res['precompile_s']:.0f}s")

@@ -111,6 +111,19 @@ def test_scan_gradcheck(reverse):
         chunk_scan(a, X, Y, None, None)
 
 
+def test_scan_bad_arguments_are_named():
+    a, X, Y, Bm, h0, C = _scan_inputs(2, 3, 4, 5, 6, seed=3)
+    bad = {"a": a[:, :2], "Y": Y[..., :3], "Bm": Bm[..., :2, :], "h0": h0[:, :4], "C": C[:, :, :3]}
+    for name, t in bad.items():
+        args = {**dict(a=a, X=X, Y=Y, Bm=Bm, h0=h0, C=C), name: t}
+        with pytest.raises(ValueError, match=f"`{name}` must have shape"):
+            chunk_scan(**args)
+    with pytest.raises(ValueError, match="`C` must be torch.float64"):
+        chunk_scan(a, X, Y, Bm, h0, C.float())
+    with pytest.raises(ValueError, match="`X` must be a float32 or float64"):
+        chunk_scan(a, X.half(), Y, Bm, h0, C)
+
+
 @pytest.mark.parametrize("L", [64, 63, 20])
 def test_unit_lower_inverse_all_orders(L):
     """``(I + tril(A, −1))⁻¹``: the float32 tile kernel and the float64 solve path against

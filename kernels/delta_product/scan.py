@@ -286,6 +286,25 @@ class LowRankChunkScan(torch.autograd.Function):
         return LowRankChunkScan.apply(a, X, Y, b, start, inj, ctx.reverse)
 
 
+def _check_scan_args(a, X, Y, Bm, h0, C) -> None:
+    """``ValueError`` naming the argument whose shape, dtype or device disagrees with ``X``."""
+    if X.dim() != 4 or X.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"chunk_scan: `X` must be a float32 or float64 [BH, N, L, K] tensor, got {X.dtype} "
+                         f"{tuple(X.shape)}")
+    BH, N, L, K = X.shape
+    V = next((t.shape[-1] for t in (Bm, h0, C) if t is not None), None)
+    expected = {"a": (BH, N), "Y": (BH, N, L, K), "Bm": (BH, N, L, V), "h0": (BH, K, V), "C": (BH, N, K, V)}
+    for name, t in (("a", a), ("Y", Y), ("Bm", Bm), ("h0", h0), ("C", C)):
+        if t is None:
+            continue
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"chunk_scan: `{name}` must have shape {expected[name]} (from `X` {tuple(X.shape)}"
+                             f"{'' if name in ('a', 'Y') else f' and V = {V}'}), got {tuple(t.shape)}")
+        if t.dtype != X.dtype or t.device != X.device:
+            raise ValueError(f"chunk_scan: `{name}` must be {X.dtype} on {X.device} like `X`, got {t.dtype} "
+                             f"on {t.device}")
+
+
 def chunk_scan(a: Tensor | None, X: Tensor, Y: Tensor, Bm: Tensor | None, h0: Tensor | None,
                C: Tensor | None = None, reverse: bool = False) -> Tensor:
     """All states of ``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c) + C_c`` (see the module docstring).
@@ -300,7 +319,12 @@ def chunk_scan(a: Tensor | None, X: Tensor, Y: Tensor, Bm: Tensor | None, h0: Te
 
     Returns:
         ``H [BH, N+1, K, V]``, ``h0`` included; differentiable to any order (backward and ``jvp``).
+
+    Raises:
+        ValueError: naming the argument whose shape, dtype or device disagrees with ``X``, or when
+            ``h0``, ``Bm`` and ``C`` are all None.
     """
+    _check_scan_args(a, X, Y, Bm, h0, C)
     BH, N, _, K = X.shape
     if a is None:
         a = torch.ones(BH, N, dtype=X.dtype, device=X.device)

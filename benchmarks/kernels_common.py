@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.delta_product import chunk_delta_product, composed_delta_product
-from kernels.delta_product.utils import chunk_local_cumsum, chunk_tokens
+from kernels.delta_product.utils import TUNING, chunk_local_cumsum, chunk_tokens
 
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
@@ -83,7 +83,7 @@ def env_info():
 
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+                sm_count=torch.cuda.get_device_properties(0).multi_processor_count, tuning=TUNING.spec())
 
 
 def _warm_one(cfg):

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import NAMES, env_info, make_inputs, ours, precompile, reference, reference_fn, rel
+from kernels_common import NAMES, env_info, leaves, make_inputs, ours, precompile, reference, reference_fn, rel
 
 from kernels.delta_product import chunk_delta_product
 from lrnn.ops.recurrent import delta_product_recurrent
@@ -50,37 +50,37 @@ SHAPES = [(4, 4096, 16, 128), (8, 2048, 16, 128), (2, 8192, 8, 64)]
 FUZZ_KV = [(32, 32), (64, 64), (128, 128), (48, 100), (128, 64), (160, 96)]
 
 
+def errors(o, s, xs, o64, s64, g64, do, ds):
+    """Relative errors of ``o``, ``s`` and of the gradients of ``⟨do, o⟩ + ⟨ds, s⟩`` w.r.t. ``xs``
+    against the float64 values ``o64, s64`` and gradients ``g64``."""
+    g = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), list(xs.values()))
+    err = {"o": rel(o, o64), "final": rel(s, s64)}
+    err.update({f"d{n}": rel(a, b) for n, a, b in zip(xs, g, g64)})
+    return err
+
+
 def first_order(x, scale, use_final=True, naive=False, seed=0):
     """Errors of outputs, final state and gradients of ``⟨do, o⟩ + ⟨ds, S⟩`` against float64
     (cotangents drawn from ``seed``).
 
     With ``naive``, also the errors of the token-by-token recurrence run in the input dtype on the
     same inputs and cotangents (what a plain implementation at that precision gets)."""
-    xs = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
-    x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+    xs, x64 = leaves(x)
     o64, s64 = reference_fn(scale, x["k"].shape[2])(x64)
     gen = torch.Generator(device=o64.device).manual_seed(seed)
     do = torch.randn(o64.shape, generator=gen, device=o64.device, dtype=o64.dtype)
     ds = torch.randn(s64.shape, generator=gen, device=o64.device, dtype=o64.dtype) if use_final else torch.zeros_like(s64)
     g64 = torch.autograd.grad((o64 * do).sum() + (s64 * ds).sum(), list(x64.values()))
-
-    def errors(fn):
-        o, s = fn(xs)
-        g = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), list(xs.values()))
-        err = {"o": rel(o, o64), "final": rel(s, s64)}
-        err.update({f"d{n}": rel(a, b) for n, a, b in zip(xs, g, g64)})
-        return err
-
-    err = errors(lambda xs: ours(xs, scale))
+    err = errors(*ours(xs, scale), xs, o64, s64, g64, do, ds)
     if not naive:
         return err
-    return err, errors(lambda xs: delta_product_recurrent(*(xs.get(n) for n in NAMES), True, scale))
+    naive_out = delta_product_recurrent(*(xs.get(n) for n in NAMES), True, scale)
+    return err, errors(*naive_out, xs, o64, s64, g64, do, ds)
 
 
 def second_order(x, scale):
     """Errors of a Hessian-vector product (double backward) and of ``torch.func.jvp``."""
-    xs = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
-    x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+    xs, x64 = leaves(x)
     f64 = reference_fn(scale, x["k"].shape[2])
     vs = {n: torch.randn_like(t) for n, t in x64.items()}
     o, _ = ours(xs, scale)
@@ -110,8 +110,7 @@ def varlen(D, n_h, dtype, scale, lengths=VARLEN_LENGTHS, device="cuda"):
     x = make_inputs(1, T, 4, D, D, n_h, dtype=dtype, gate=True, correlated=n_h > 1, device=device, seed=D + n_h)
     x["initial_state"] = torch.randn(N, 4, D, D, device=device).to(dtype)
     cu = torch.tensor([0] + list(lengths), device=device).cumsum(0)
-    xs = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
-    x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+    xs, x64 = leaves(x)
     o, s = chunk_delta_product(*(xs[n] for n in NAMES[:5]), initial_state=xs["initial_state"],
                                output_final_state=True, scale=scale, cu_seqlens=cu)
     f64, outs, finals = reference_fn(scale, n_h), [], []
@@ -125,11 +124,8 @@ def varlen(D, n_h, dtype, scale, lengths=VARLEN_LENGTHS, device="cuda"):
         finals.append(si[0])
     o64, s64 = torch.cat(outs, 1), torch.stack(finals)
     do, ds = torch.randn_like(o64), torch.randn_like(s64)
-    g = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), list(xs.values()))
     g64 = torch.autograd.grad((o64 * do).sum() + (s64 * ds).sum(), list(x64.values()))
-    err = {"o": rel(o, o64), "final": rel(s, s64)}
-    err.update({f"d{n}": rel(a, b) for n, a, b in zip(xs, g, g64)})
-    return err
+    return errors(o, s, xs, o64, s64, g64, do, ds)
 
 
 def judge(err, dtype, naive=None):

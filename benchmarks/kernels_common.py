@@ -48,6 +48,12 @@ def torch_scan(a, X, Y, Bm, h0):
     return torch.stack(hs, 1)
 
 
+def leaves(x):
+    """The present inputs of ``x`` as leaves requiring grad, and their float64 copies (leaves too)."""
+    xs = {n: t.detach().requires_grad_(True) for n, t in x.items() if t is not None}
+    return xs, {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+
+
 def reference(x, scale=1.0):
     """Float64 outputs and final state from the composed chunked form with a PyTorch scan
     (checked against the token-by-token recurrence to 1e-15 in the CPU tests)."""

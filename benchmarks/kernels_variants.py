@@ -23,7 +23,6 @@ out. ``--smoke`` runs the same logic at tiny shapes (on the CPU with ``TRITON_IN
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import fla_fn, hvp_fn, make_inputs, ours, reference_fn, rel
+from kernels_common import fla_fn, hvp_fn, leaves, make_inputs, ours, reference_fn, rel
 
 from kernels.delta_product.utils import TUNING, Tuning, chunk_tokens
 
@@ -74,13 +73,6 @@ UNSAFE: set[tuple] = set()
 SKIPPED = {"ok": False, "max_err": float("nan"), "skipped": "its compilation did not finish in a worker"}
 
 
-def set_tuning(spec: str) -> None:
-    """Make :data:`TUNING` the defaults updated by ``spec`` (in place: the kernels read this object)."""
-    fresh = Tuning().update(spec)
-    for f in dataclasses.fields(Tuning):
-        setattr(TUNING, f.name, getattr(fresh, f.name))
-
-
 def join(*specs: str) -> str:
     return ",".join(s for s in specs if s)
 
@@ -111,7 +103,7 @@ def bench(fn, rep: int = 50) -> float:
 def _warm(item):
     spec, K, n_h, gate, dtype, second = item
     try:
-        set_tuning(spec)
+        TUNING.load(spec)
         T = 3 * chunk_tokens(n_h) + 5
         x = make_inputs(2, T, 2, K, K, n_h, dtype=dtype, gate=gate, h0=gate)
         xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
@@ -294,8 +286,7 @@ def hvp_check_and_time(B, T, H, D, n_h, device, sub_B, sub_H, do_time, profile):
     error against float64 double backward at ``B, H = sub_B, sub_H``."""
     res = {}
     xs_small = make_inputs(sub_B, T, sub_H, D, D, n_h, correlated=n_h > 1, device=device, seed=T + n_h)
-    p = {n: t.detach().requires_grad_(True) for n, t in xs_small.items() if t is not None}
-    p64 = {n: t.detach().double().requires_grad_(True) for n, t in p.items()}
+    p, p64 = leaves(xs_small)
     vs = {n: torch.randn_like(t) for n, t in p64.items()}
     do = torch.randn(sub_B, T, sub_H, D, device=device, dtype=torch.float64).to(torch.bfloat16).double()
     o64, _ = reference_fn(1.0, n_h)(p64)
@@ -308,7 +299,7 @@ def hvp_check_and_time(B, T, H, D, n_h, device, sub_B, sub_H, do_time, profile):
         if (full, D, n_h, False, torch.bfloat16, True) in UNSAFE:
             res[name] = dict(SKIPPED, err=float("nan"))
             continue
-        set_tuning(full)
+        TUNING.load(full)
         r = {}
         try:
             poison(True)
@@ -397,7 +388,7 @@ def main():
     tune = Case(*shapes[0], 2, False, bf, device, seed=11)
     res["tuning"] = {}
     for name, spec in VARIANTS.items():
-        set_tuning(spec)
+        TUNING.load(spec)
         r = dict(spec=spec, check=SKIPPED if tune.unsafe(spec) else tune.check())
         if r["check"]["ok"]:
             r.update(time_case(tune, profile=True))
@@ -416,7 +407,7 @@ def main():
     for field, base, alt in GLOBAL_PAIRS:
         if base in ok and alt in ok and ok[alt]["fwdbwd_ms"] < 0.98 * ok[base]["fwdbwd_ms"]:
             setattr(best, field, getattr(Tuning().update(ok[alt]["spec"]), field))
-    set_tuning(best.spec())
+    TUNING.load(best.spec())
     r = dict(spec=best.spec(), check=tune.check())
     if r["check"]["ok"]:
         r.update(time_case(tune, profile=True))
@@ -432,7 +423,7 @@ def main():
     sharp = Case(*shapes[0], 2, True, f32, device, seed=13)
     res["tuning_float32_gate"] = {}
     for name, spec in (("default", ""), ("tiles", VARIANTS["tiles"]), ("best", best_spec)):
-        set_tuning(spec)
+        TUNING.load(spec)
         res["tuning_float32_gate"][name] = SKIPPED if sharp.unsafe(spec) else sharp.check()
     print("float32 gated check:", json.dumps({n: (r["ok"], r["max_err"]) for n, r in
                                               res["tuning_float32_gate"].items()}), flush=True)
@@ -481,7 +472,7 @@ def main():
             case = Case(B, T, H, D, n_h, False, bf, device, seed=B + T + n_h)
             row = dict(shape=[B, T, H, D], n_h=n_h, gate=False, dtype="bfloat16", variants={})
             for name, spec in VARIANTS.items():
-                set_tuning(spec)
+                TUNING.load(spec)
                 row["variants"][name] = SKIPPED if case.unsafe(spec) else case.check()
             checks.append(row)
             cases[(B, T, H, D, n_h)] = case
@@ -500,7 +491,7 @@ def main():
             case = cases.get((B, T, H, D, n_h)) or Case(B, T, H, D, n_h, False, bf, device, seed=B + T + n_h)
             row = dict(shape=[B, T, H, D], n_h=n_h)
             for name in ("default", "tiles", "best"):
-                set_tuning(VARIANTS[name])
+                TUNING.load(VARIANTS[name])
                 row[name] = SKIPPED if case.unsafe(VARIANTS[name]) else time_case(case)
             if fla_job is not None:
                 row["fla"] = time_fla(case)
@@ -533,7 +524,7 @@ def main():
             row = dict(shape=list(shapes[0]), n_h=n_h, gate=gate, dtype=str(dtype)[6:])
             for name in names:
                 spec = join(VARIANTS["best"], "prec_f32=bf16x3") if name == "best_bf16x3" else VARIANTS[name]
-                set_tuning(spec)
+                TUNING.load(spec)
                 r = dict(check=SKIPPED if case.unsafe(spec) else case.check())
                 if r["check"]["ok"]:
                     r.update(time_case(case))
@@ -547,7 +538,7 @@ def main():
             del case
     save("gate and float32")
 
-    set_tuning("")
+    TUNING.load("")
     res["all_checks_ok"] = ({name: all(r["variants"][name]["ok"] for r in checks) for name in VARIANTS}
                             if checks else None)
     save("done")

@@ -8,8 +8,6 @@ uses the same bf16-rounded inputs in float64).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -38,16 +36,18 @@ def _check_first_order(x64: dict, dtype: torch.dtype, scale: float = 1.0, naive_
     o64, s64 = delta_product_recurrent(**dict(zip(names, ref_in)), **kw)
     assert o.dtype == dtype and o.shape == o64.shape and s.shape == s64.shape
     do, ds = torch.randn_like(o64), torch.randn_like(s64)
-    grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), ker_in)
     grads64 = torch.autograd.grad((o64 * do).sum() + (s64 * ds).sum(), ref_in)
-    errs = {"o": rel_err(o.double(), o64), "final": rel_err(s.double(), s64)}
-    errs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names, grads, grads64)})
+
+    def errors(o: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
+        grads = torch.autograd.grad((o.double() * do).sum() + (s.double() * ds).sum(), ker_in)
+        errs = {"o": rel_err(o.double(), o64), "final": rel_err(s.double(), s64)}
+        errs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names, grads, grads64)})
+        return errs
+
+    errs = errors(o, s)
     allowed = dict.fromkeys(errs, TOL[dtype])
     if naive_factor:
-        on, sn = delta_product_recurrent(**dict(zip(names, ker_in)), **kw)
-        naive = torch.autograd.grad((on.double() * do).sum() + (sn.double() * ds).sum(), ker_in)
-        nerrs = {"o": rel_err(on.double(), o64), "final": rel_err(sn.double(), s64)}
-        nerrs.update({f"d{n}": rel_err(a.double(), b) for n, a, b in zip(names, naive, grads64)})
+        nerrs = errors(*delta_product_recurrent(**dict(zip(names, ker_in)), **kw))
         allowed = {k: max(TOL[dtype], naive_factor * nerrs[k]) for k in errs}
     bad = {k: e for k, e in errs.items() if not e <= allowed[k]}
     assert not bad, f"{dtype}: {bad} (all: {errs}, allowed: {allowed})"
@@ -87,15 +87,11 @@ def test_bf16_single_token_no_worse_than_a_bf16_recurrence(seed):
 
 
 @pytest.fixture
-def tuned(monkeypatch):
+def tuned():
     """Apply a ``DELTA_PRODUCT_TUNING`` spec to the kernels for one test (restored afterwards)."""
-
-    def apply(spec: str) -> None:
-        fresh = Tuning().update(spec)
-        for f in dataclasses.fields(Tuning):
-            monkeypatch.setattr(TUNING, f.name, getattr(fresh, f.name))
-
-    return apply
+    saved = TUNING.spec()
+    yield TUNING.load
+    TUNING.load(saved)
 
 
 @pytest.mark.parametrize(

@@ -98,10 +98,17 @@ class Tuning:
         precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("rev_rev", "fwd_rev")),
-                              ("prec_inverse", precisions),
-                              ("prec_f32", precisions)):
+                              ("prec_inverse", precisions), ("prec_f32", precisions)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
+        return self
+
+    def load(self, spec: str) -> Tuning:
+        """Every field in place from the defaults updated by ``spec`` (the kernels read this object;
+        ``load(spec())`` restores a configuration)."""
+        fresh = Tuning().update(spec)
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
         return self
 
     def spec(self) -> str:

@@ -35,14 +35,21 @@ from kernels.delta_product.utils import (
 _PRIMALS = ("q", "k", "v", "beta", "G", "h0")
 
 
-def _composed(scale: float, ct: int, present: tuple[str, ...]):
-    """The composed operator as a function of the present primals only (for torch.func)."""
+def _composed_at(scale: float, primals: tuple[Tensor | None, ...], directions: tuple[Tensor | None, ...]):
+    """The composed operator as a function ``f`` of the present primals only (for torch.func), those
+    primals ``xs``, and ``directions`` (tangents or cotangents, one per primal of ``_PRIMALS``) at
+    them, zeros where None; the present names, in ``_PRIMALS`` order, come last."""
+    present = tuple(n for n, x in zip(_PRIMALS, primals) if x is not None)
+    prim, dirs = dict(zip(_PRIMALS, primals)), dict(zip(_PRIMALS, directions))
+    ct = chunk_tokens(prim["k"].shape[2])
 
     def f(*xs: Tensor) -> tuple[Tensor, Tensor]:
         a = dict(zip(present, xs))
         return composed_delta_product(a["q"], a["k"], a["v"], a["beta"], a.get("G"), a.get("h0"), scale, ct)
 
-    return f
+    xs = tuple(prim[n] for n in present)
+    filled = tuple(torch.zeros_like(prim[n]) if dirs[n] is None else dirs[n] for n in present)
+    return f, xs, filled, present
 
 
 @contextlib.contextmanager
@@ -91,14 +98,10 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
-        q, k, v, beta, G, h0 = ctx.saved_tensors
-        prim = dict(zip(_PRIMALS, (q, k, v, beta, G, h0)))
-        tang = dict(zip(_PRIMALS, (dq, dk, dv, dbeta, dG, dh0)))
-        present = tuple(n for n in _PRIMALS if prim[n] is not None)
-        f = _composed(ctx.scale, chunk_tokens(k.shape[2]), present)
-        tangents = tuple(torch.zeros_like(prim[n]) if tang[n] is None else tang[n] for n in present)
-        _, (do, dht) = torch.func.jvp(f, tuple(prim[n] for n in present), tangents)
-        return do.to(q.dtype), dht, None, None, None, None
+        primals = ctx.saved_tensors
+        f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
+        _, (do, dht) = torch.func.jvp(f, xs, tangents)
+        return do.to(primals[0].dtype), dht, None, None, None, None
 
 
 class ChunkDeltaProductBackward(torch.autograd.Function):
@@ -119,17 +122,11 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cot):
         q, k, v, beta, G, h0, do, dht = ctx.saved_tensors
-        prim = dict(zip(_PRIMALS, (q, k, v, beta, G, h0)))
-        present = tuple(n for n in _PRIMALS if prim[n] is not None)
-        f = _composed(ctx.scale, chunk_tokens(k.shape[2]), present)
-        xs = tuple(prim[n] for n in present)
+        f, xs, cotangents, present = _composed_at(ctx.scale, (q, k, v, beta, G, h0), cot)
         had_dht = dht is not None
         if not had_dht:
             dht = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], device=q.device,
                               dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-
-        cot_map = dict(zip(_PRIMALS, cot))
-        cotangents = tuple(torch.zeros_like(prim[n]) if cot_map[n] is None else cot_map[n] for n in present)
         with _matmul_precision(q):
             if TUNING.hvp_mode == "fwd_rev":
                 gx, ddo, ddht = _forward_over_reverse(f, xs, do, dht, cotangents)

@@ -134,14 +134,15 @@ def run_search(config: Config, *, out_dir: str | Path | None = None, progress: b
     if remaining > 0 and s.workers == 1:
         _optimize(config, out, url, remaining, progress)
     elif remaining > 0:
-        shares = [remaining // s.workers + (i < remaining % s.workers) for i in range(s.workers)]
-        print(f"{remaining} trials in {min(s.workers, remaining)} worker processes; each writes "
+        workers = min(s.workers, remaining)
+        shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+        print(f"{remaining} trials in {workers} worker processes; each writes "
               f"{out}/trial_<n>/log.jsonl as it goes", flush=True)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(s.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [
                 pool.submit(_optimize, config, out, url, share, False, i * WORKER_STAGGER_S)
-                for i, share in enumerate(shares) if share
+                for i, share in enumerate(shares)
             ]
             for future in futures:
                 future.result()

@@ -6,7 +6,7 @@ product (double backward) for bf16 and float32, gate on and off, over (B, T, H, 
 ``chunk_gated_delta_product`` (bf16 only) beside them. Writes
 ``benchmarks/results/kernels_delta_product.json`` (or ``--out``) and prints a table last.
 
-    python benchmarks/kernels_delta_product.py [--quick] [--profile] [--out DIR]
+    python benchmarks/kernels_delta_product.py [--quick] [--profile] [--dtypes ...] [--gates ...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -115,7 +115,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first shape, no gate, bf16 + one float32 row")
     ap.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default all)")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of every row (torch.profiler)")
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"])
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-hvp", action="store_true")
     ap.add_argument("--no-precompile", action="store_true", help="kernels already in Triton's cache")
@@ -126,8 +128,8 @@ def main():
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     for (B, T, H, D) in shapes[:1] if args.quick else shapes:
         for n_h in (1, 2, 3):
-            for gate in ((False,) if args.quick else (False, True)):
-                for dtype in (torch.bfloat16, torch.float32):
+            for gate in ((False,) if args.quick else tuple(g == "on" for g in args.gates)):
+                for dtype in (getattr(torch, d) for d in args.dtypes):
                     if args.quick and dtype == torch.float32 and n_h != 2:
                         continue
                     configs.append((B, T, H, D, n_h, gate, dtype))
@@ -155,7 +157,7 @@ def main():
                 row[f"{m}_frac_floor"] = floor / row[f"{m}_ms"]
         if dtype == torch.bfloat16 and not args.no_fla:
             row["fla"] = time_fla(x, do, n_h)
-        if args.profile and dtype == torch.bfloat16 and not gate:
+        if args.profile:
             row["profile_ms"] = profile(x, do)
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

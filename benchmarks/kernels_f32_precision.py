@@ -2,11 +2,11 @@
 
 At (4, 4096, 16, 128), no gate, ``n_h ∈ {1, 2, 3}``: forward and forward+backward times
 (``triton.testing.do_bench``, 100 ms of repetitions, mean) for bf16, float32 with
-``prec_f32 = "tf32x3"`` (the default) and float32 with ``"tf32"`` (one pass); and for each, the
-largest relative error of outputs, final state and gradients against float64 at (1, 1024, 2, 128)
+``prec_f32 = "tf32x3"`` (the default) and float32 with ``"tf32"`` (one pass; with ``--ieee`` also
+``"ieee"``, no tensor cores); and for each, the largest relative error of outputs, final state and gradients against float64 at (1, 1024, 2, 128)
 (``kernels_check.first_order``). Writes ``kernels_f32_precision.json`` into ``--out``.
 
-    python benchmarks/kernels_f32_precision.py [--out DIR]
+    python benchmarks/kernels_f32_precision.py [--ieee] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ os.environ["DELTA_PRODUCT_POISON"] = "0"  # kernels_check turns NaN-filling on a
 B, T, H, D = 4, 4096, 16, 128
 VARIANTS = (("bf16", torch.bfloat16, "tf32x3"), ("f32 tf32x3", torch.float32, "tf32x3"),
             ("f32 tf32", torch.float32, "tf32"))
+IEEE = ("f32 ieee", torch.float32, "ieee")  # no tensor cores: about 20x slower than tf32x3, so only with --ieee
 
 
 def measure(n_h: int, dtype: torch.dtype) -> dict:
@@ -49,13 +50,14 @@ def measure(n_h: int, dtype: torch.dtype) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--ieee", action="store_true", help="also float32 without tensor cores")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     default = TUNING.prec_f32
     rows = []
     try:
         for n_h in (1, 2, 3):
-            for name, dtype, precision in VARIANTS:
+            for name, dtype, precision in VARIANTS + ((IEEE,) if args.ieee else ()):
                 TUNING.prec_f32 = precision
                 rows.append(dict(n_h=n_h, variant=name, **measure(n_h, dtype)))
                 print(json.dumps(rows[-1]), flush=True)

@@ -112,7 +112,7 @@ def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V):
 
 
 def test_tuning_spec_is_validated():
-    assert Tuning().update("inverse=packed,warps_wy=8,hvp_tf32=1").spec() == "inverse=packed,warps_wy=8,hvp_tf32=True"
+    assert Tuning().update("inverse=packed,warps_wy=8,hvp_tf32=0").spec() == "inverse=packed,warps_wy=8,hvp_tf32=False"
     loaded = Tuning().update("inverse=packed,stages=2").load("warps_wy=8")  # the rest back to the defaults
     assert loaded.spec() == "warps_wy=8" and loaded.load(loaded.spec()) == loaded
     with pytest.raises(ValueError, match="unknown field `warps`"):

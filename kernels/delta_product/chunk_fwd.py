@@ -182,7 +182,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     U0 = alloc(B, H, N, V, device=dev, dtype=st)
     launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, T, N, BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
            PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, INV_TILES=TUNING.inverse == "tiles",
-           num_warps=TUNING.warps_prep, **common)
+           num_warps=TUNING.prep_warps(q.dtype), **common)
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None

@@ -43,7 +43,8 @@ class Tuning:
             work, about 1e-5 accurate; ``"tf32"``, one pass, 2–2.5× faster fwd+bwd on an H100 but
             only as accurate as bf16; ``"ieee"``, no tensor cores).
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
-            forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels.
+            forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels
+            (``warps_prep = 0`` chooses by dtype: :meth:`prep_warps`).
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
@@ -65,7 +66,7 @@ class Tuning:
     inverse: str = "tiles"
     prec_inverse: str = "tf32x3"
     prec_f32: str = "tf32x3"
-    warps_prep: int = 2
+    warps_prep: int = 0
     warps_scan: int = 4
     warps_out: int = 4
     warps_dv: int = 4
@@ -76,9 +77,9 @@ class Tuning:
     bk_dqkw: int = 64
     stages: int = 3
     bwd_store: str = "input"
-    hvp_tf32: bool = False
+    hvp_tf32: bool = True
     composed_inverse: str = "kernel"
-    hvp_mode: str = "rev_rev"
+    hvp_mode: str = "fwd_rev"
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -86,6 +87,13 @@ class Tuning:
         if self.block:
             return self.block
         return 128 if dtype.itemsize == 2 else 64
+
+    def prep_warps(self, dtype: torch.dtype) -> int:
+        """``num_warps`` of the forward prep kernel: ``warps_prep``, or when 0, 2 for 16-bit inputs
+        and 4 for float32 (at 2 warps the float32 prep spills: 5–16× slower with a gate on an H100)."""
+        if self.warps_prep:
+            return self.warps_prep
+        return 2 if dtype.itemsize == 2 else 4
 
     def update(self, spec: str) -> Tuning:
         """Set fields from ``"field=value,field=value"`` (values parsed by the field's type)."""

@@ -121,6 +121,12 @@ def test_tuning_spec_is_validated():
         Tuning().update("inverse=dense")
     with pytest.raises(ValueError, match="prec_f32"):
         Tuning().update("prec_f32=fp16")
+    with pytest.raises(ValueError, match="warps_wy must be one of"):
+        Tuning().update("warps_wy=3")
+    with pytest.raises(ValueError, match="warps_scan"):
+        Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
+    assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
+    assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
 
 
 def test_uncorrelated_keys_beta_up_to_one():

@@ -104,9 +104,11 @@ class Tuning:
             kind = type(getattr(self, name))
             setattr(self, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
         precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
+        warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
+                 for n in self.__dataclass_fields__ if n.startswith("warps_")}
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("rev_rev", "fwd_rev")),
-                              ("prec_inverse", precisions), ("prec_f32", precisions)):
+                              ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
         return self

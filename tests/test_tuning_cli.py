@@ -100,6 +100,8 @@ def test_sigkill_then_resume_ends_with_the_hyperparameters_of_an_uninterrupted_r
     assert [r["step"] for r in rows_b] == list(range(16))
     for ra, rb in zip(rows_a, rows_b):
         assert {k: v for k, v in ra.items() if k != "wall_time"} == {k: v for k, v in rb.items() if k != "wall_time"}
+    clock = [r["wall_time"] for r in rows_b]  # the resumed run continues the killed run's tuning clock
+    assert all(x < y for x, y in zip(clock, clock[1:])) and b["tuning_time_s"] == clock[-1]
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):

@@ -114,7 +114,8 @@ def plot_length_curves(runs: list[dict[str, Any]], path: str | Path, title: str)
 
 def summary_table(result: dict[str, Any]) -> str:
     """Text table: hyperparameters before and after, evaluations, timing."""
-    lines = [f"== {result['name']}: {result['outer_steps']} outer steps, {result['wall_time_s']:.1f} s =="]
+    lines = [f"== {result['name']}: {result['outer_steps']} outer steps, tuning {result['tuning_time_s']:.1f} s "
+             f"(all runs of a resumed job), {result['wall_time_s']:.1f} s this run =="]
     lines.append(f"{'hyperparameter':<16} {'initial':>28} {'final':>28}")
     for key, final in result["hyperparameters"]["final"].items():
         init = result["hyperparameters"]["initial"][key]

@@ -203,6 +203,7 @@ def _optimize(config: Config, out: Path, url: str, n_trials: int, progress: bool
         trial.set_user_attr("final_hyperparameters", summary["hyperparameters"]["final"])
         trial.set_user_attr("test_scaled_accuracy", summary["evaluations"][0]["summary"]["scaled_accuracy_test"])
         trial.set_user_attr("wall_time_s", summary["wall_time_s"])
+        trial.set_user_attr("tuning_time_s", summary["tuning_time_s"])
         if minimize:
             return summary["final_monitor"]["loss"]
         return summary["evaluations"][0]["summary"]["scaled_accuracy_test"]
@@ -211,7 +212,9 @@ def _optimize(config: Config, out: Path, url: str, n_trials: int, progress: bool
 
 
 def trials_table(optuna, study) -> dict[str, Any]:
-    """Every trial: number, state, choices, value, final hyperparameters, failure reason."""
+    """Every trial: number, state, choices, value, final hyperparameters, failure reason, and times
+    (``wall_time_s`` of the process that finished it, ``tuning_time_s`` of its outer loop over all
+    resumed runs)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({
@@ -219,7 +222,7 @@ def trials_table(optuna, study) -> dict[str, Any]:
             "test_scaled_accuracy": t.user_attrs.get("test_scaled_accuracy"),
             "final_hyperparameters": t.user_attrs.get("final_hyperparameters"),
             "fail_reason": t.user_attrs.get(FAIL_REASON), "retry_of": _retry_callback(optuna).retried_trial_number(t),
-            "wall_time_s": t.user_attrs.get("wall_time_s"),
+            "wall_time_s": t.user_attrs.get("wall_time_s"), "tuning_time_s": t.user_attrs.get("tuning_time_s"),
         })
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = None

@@ -115,7 +115,7 @@ def plot_length_curves(runs: list[dict[str, Any]], path: str | Path, title: str)
 def summary_table(result: dict[str, Any]) -> str:
     """Text table: hyperparameters before and after, evaluations, timing."""
     lines = [f"== {result['name']}: {result['outer_steps']} outer steps, tuning {result['tuning_time_s']:.1f} s "
-             f"(all runs of a resumed job), {result['wall_time_s']:.1f} s this run =="]
+             f"in all (resumed runs included), this process {result['wall_time_s']:.1f} s =="]
     lines.append(f"{'hyperparameter':<16} {'initial':>28} {'final':>28}")
     for key, final in result["hyperparameters"]["final"].items():
         init = result["hyperparameters"]["initial"][key]

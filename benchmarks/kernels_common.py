@@ -123,17 +123,18 @@ def precompile(configs, workers=12):
         return [e for e in pool.map(_warm_one, unique) if e]
 
 
-def hvp_fn(x: dict, do):
-    """A closure computing one Hessian-vector product of ``⟨do, o(x)⟩`` by double backward through
-    ``ours``, in fixed random directions, w.r.t. every tensor of ``x`` (which must require grad)."""
+def hvp_fn(x: dict, do, vs=None, scale=1.0):
+    """A closure returning one Hessian-vector product of ``⟨do, o(x)⟩`` by double backward through
+    ``ours(x, scale)`` w.r.t. every tensor of ``x`` (which must require grad), in the directions
+    ``vs`` (one per present tensor; default fixed random ones)."""
     ins = {n: t for n, t in x.items() if t is not None}
     xs = list(ins.values())
-    vs = [torch.randn_like(t) for t in xs]
+    vs = [torch.randn_like(t) for t in xs] if vs is None else vs
 
     def hv():
-        o, _ = ours(ins)
+        o, _ = ours(ins, scale)
         gs = torch.autograd.grad(o, xs, do, create_graph=True)
-        torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
+        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
 
     return hv
 

@@ -24,7 +24,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_check import second_order
-from kernels_common import env_info, make_inputs, ours, rel
+from kernels_common import env_info, hvp_fn, make_inputs, ours, rel
 
 from kernels.delta_product.utils import TUNING
 
@@ -32,12 +32,6 @@ os.environ["DELTA_PRODUCT_POISON"] = "0"  # kernels_check turns NaN-filling on a
 
 B, T, H, D = 4, 4096, 16, 128
 MODES = (("rev_rev", False), ("rev_rev", True), ("fwd_rev", False), ("fwd_rev", True))
-
-
-def hvp(xs: dict, do, vs):
-    o, _ = ours(xs, D ** -0.5)
-    gs = torch.autograd.grad(o, list(xs.values()), do, create_graph=True)
-    return torch.autograd.grad(sum((g.float() * v).sum() for g, v in zip(gs, vs)), list(xs.values()))
 
 
 def measure(n_h: int) -> list[dict]:
@@ -48,13 +42,14 @@ def measure(n_h: int) -> list[dict]:
     do = torch.randn(B, T, H, D, generator=gen, device="cuda").bfloat16()
     fwdbwd = triton.testing.do_bench(lambda: torch.autograd.grad(ours(xs, D ** -0.5)[0], list(xs.values()), do),
                                      warmup=10, rep=100, return_mode="median")
+    hvp = hvp_fn(xs, do, vs, D ** -0.5)
     rows, base = [], None
     for mode, tf32 in MODES:
         TUNING.hvp_mode, TUNING.hvp_tf32 = mode, tf32
-        result = hvp(xs, do, vs)
+        result = hvp()
         if base is None:  # the first mode, rev_rev without TF32, is the baseline
             base = result
-        ms = triton.testing.do_bench(lambda: hvp(xs, do, vs), warmup=2, rep=300, return_mode="median")
+        ms = triton.testing.do_bench(hvp, warmup=2, rep=300, return_mode="median")
         small = make_inputs(1, 1024, 2, D, D, n_h, gate=True, h0=True, correlated=n_h > 1, seed=10 + n_h)
         err = second_order(small, D ** -0.5)
         rows.append(dict(n_h=n_h, mode=mode, hvp_tf32=tf32, hvp_ms=ms, fwdbwd_ms=fwdbwd, ratio=ms / fwdbwd,

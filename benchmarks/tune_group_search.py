@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lrnn.train import environment
+from lrnn.tuning.cli import add_set_option
 from lrnn.tuning.config import load_config
 from lrnn.tuning.report import write_json
 from lrnn.tuning.search import run_search
@@ -36,8 +37,7 @@ def main() -> None:
     parser.add_argument("--device", help="override run.device")
     parser.add_argument("--out", type=Path, help="results stem (default benchmarks/results/tune_<name>)")
     parser.add_argument("--resume", action="store_true", help="continue the study in runs/bench_<name>")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable; the value is read as TOML)")
+    add_set_option(parser)
     args = parser.parse_args()
     config = load_config(args.config, args.set)
     run_dir = ROOT / "runs" / f"bench_{config.run.name}"

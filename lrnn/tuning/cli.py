@@ -34,9 +34,14 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and print it")
     check.add_argument("config", help="TOML config file")
     for command in (run, check):
-        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                             help="override a config value (repeatable; the value is read as TOML)")
+        add_set_option(command)
     return p
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable), for :func:`lrnn.tuning.config.load_config`."""
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable; the value is read as TOML)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

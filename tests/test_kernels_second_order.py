@@ -7,8 +7,9 @@ on the token-by-token recurrence (fresh random inputs, correlated keys, ``β`` u
 * the composed chunked form (PyTorch inside chunks + ``chunk_scan``) in float64: equal to the
   recurrence to rounding for outputs, gradients, Hessian-vector products and ``jvp``;
 * the public function in float32 (fused kernels for value and gradient; double backward and
-  ``jvp`` through the composed form): Hessian-vector products by double backward and
-  ``torch.func.jvp``, tolerance 2e-5 relative (seen ≤ 1e-6).
+  ``jvp`` by the fused dual-number kernels without a gate, else through the composed form):
+  Hessian-vector products by double backward and ``torch.func.jvp``, and by ``torch.func``'s
+  ``jvp`` and ``vjp`` of ``grad``, tolerance 2e-5 relative (seen ≤ 1e-6).
 """
 from __future__ import annotations
 
@@ -194,7 +195,8 @@ def test_composed_form_float64_all_orders():
 
 @pytest.mark.parametrize("T, n_h, gate, h0, inverse, hvp_mode", [
     (40, 2, True, True, "solve", "rev_rev"), (23, 3, False, False, "solve", "rev_rev"),
-    (30, 2, True, True, "kernel", "rev_rev"), (30, 3, True, True, "kernel", "fwd_rev")])
+    (30, 2, True, True, "kernel", "rev_rev"), (30, 3, True, True, "kernel", "fwd_rev"),
+    (30, 2, True, True, "kernel", "dual")])  # a gate: "dual" falls back to the composed fwd_rev
 def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeypatch):
     monkeypatch.setattr(TUNING, "composed_inverse", inverse)  # the composed path's (I + A)⁻¹
     monkeypatch.setattr(TUNING, "hvp_mode", hvp_mode)  # double backward: vjp of vjp, or jvp of vjp
@@ -204,3 +206,46 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
         return chunk_delta_product(**a, output_final_state=True, scale=0.8)
 
     _all_orders(kernel, x, 2e-5, torch.float32)
+
+
+@pytest.mark.parametrize("T, n_h, h0, K, V", [
+    (70, 1, False, 16, 32),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16),
+    (30, 3, True, 24, 20),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16),    # one short chunk
+])
+def test_dual_kernels_hvp_and_jvp_float32(T, n_h, h0, K, V, monkeypatch):
+    """The fused dual-number kernels (``hvp_mode = "dual"``, the default): double backward and
+    ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first."""
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
+
+    def kernel(**a):
+        return chunk_delta_product(**a, output_final_state=True, scale=0.8)
+
+    _all_orders(kernel, x, 2e-5, torch.float32)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_torch_func_hvp_forward_and_reverse_over_reverse(gate):
+    """``torch.func.jvp(grad(ℓ))`` (the backward Function's ``jvp``) and ``torch.func.vjp(grad(ℓ))``
+    give the float64 Hessian-vector product, for a loss nonlinear in both outputs."""
+    x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=gate, initial_state=True, correlated=True, seed=3)
+    names = [n for n in ARGS if x[n] is not None]
+    xs = tuple(x[n].float() for n in names)
+    vs = tuple(torch.randn_like(t) for t in xs)
+    argnums = tuple(range(len(xs)))
+
+    def loss(fn, *a):
+        o, s = fn(**dict(zip(names, a)), output_final_state=True, scale=0.8)
+        return (o.double() ** 2).sum() + (s.double() ** 3).sum()
+
+    def grad(fn):
+        return lambda *a: torch.func.grad(lambda *b: loss(fn, *b), argnums=argnums)(*a)
+
+    _, h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))
+    _, h_fwd = torch.func.jvp(grad(chunk_delta_product), xs, vs)
+    h_rev = torch.func.vjp(grad(chunk_delta_product), *xs)[1](vs)
+    errs = {f"{way}_{n}": rel_err(a.double(), b) for way, h in (("fwd", h_fwd), ("rev", h_rev))
+            for n, a, b in zip(names, h, h64)}
+    assert max(errs.values()) < 2e-5, errs

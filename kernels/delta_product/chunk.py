@@ -3,11 +3,14 @@ differentiable form for everything of higher order.
 
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
-  forward-mode through :func:`~kernels.delta_product.composed.composed_delta_product`.
+  the forward kernels in dual numbers (``TUNING.hvp_mode = "dual"``, no gate), else forward mode
+  through :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
-  Hessian-vector products) is the second derivative of the composed form, reverse-over-reverse or
-  forward-over-reverse (``TUNING.hvp_mode``), whose only sequential part is the low-rank
-  :func:`~kernels.delta_product.scan.chunk_scan`.
+  Hessian-vector products) is forward-over-reverse by the dual forward and backward kernels
+  (``"dual"``, no gate): with ``x + ε c`` as input, the dual parts of the outputs are ``J c`` and
+  of the gradients ``∇²⟨f, (do, dht)⟩ c``. Otherwise it is the second derivative of the composed
+  form, reverse-over-reverse or forward-over-reverse (``TUNING.hvp_mode``; a gate always takes
+  ``"fwd_rev"`` there), whose only sequential part is the low-rank :func:`~kernels.delta_product.scan.chunk_scan`.
 
 Both Functions use ``setup_context`` and save only inputs and outputs, so ``torch.func.grad``,
 ``torch.func.vjp`` and ``torch.func.jvp`` apply (``vmap`` is not supported).
@@ -76,7 +79,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, scale):
-        o, ht, saved = chunk_fwd(q, k, v, beta, G, h0, scale, True)
+        o, ht, saved, _ = chunk_fwd(q, k, v, beta, G, h0, scale, True)
         return (o, ht) + saved
 
     @staticmethod
@@ -99,6 +102,11 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         primals = ctx.saved_tensors
+        if _dual_ok(primals[4]):
+            q, k, v, beta, _, h0 = primals
+            tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
+            do, dht = DualForward.apply(q, k, v, beta, h0, ctx.scale, *tangents)
+            return do, dht, None, None, None, None
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
         return do.to(primals[0].dtype), dht, None, None, None, None
@@ -106,11 +114,11 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
 class ChunkDeltaProductBackward(torch.autograd.Function):
     """``(q, k, v, beta, G, h0, do, dht, scale, *saved) → (dq, dk, dv, dbeta, dG, dh0)`` by the
-    fused backward kernels; differentiable through the composed form."""
+    fused backward kernels; its backward and ``jvp`` (second order) by :func:`_second_order`."""
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, do, dht, scale, *saved):
-        return chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht)
+        return chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -118,22 +126,101 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         ctx.scale = scale
         ctx.n_saved = len(inputs) - 9
         ctx.save_for_backward(q, k, v, beta, G, h0, do, dht)
+        ctx.save_for_forward(*inputs[:8], *inputs[9:])
 
     @staticmethod
     def backward(ctx, *cot):
         q, k, v, beta, G, h0, do, dht = ctx.saved_tensors
-        f, xs, cotangents, present = _composed_at(ctx.scale, (q, k, v, beta, G, h0), cot)
-        had_dht = dht is not None
-        if not had_dht:
-            dht = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], device=q.device,
-                              dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-        with _matmul_precision(q):
-            if TUNING.hvp_mode == "fwd_rev":
-                gx, ddo, ddht = _forward_over_reverse(f, xs, do, dht, cotangents)
-            else:
-                gx, ddo, ddht = _reverse_over_reverse(f, xs, do, dht, cotangents)
-        gx = dict(zip(present, gx))
-        return tuple(gx.get(n) for n in _PRIMALS) + (ddo, ddht if had_dht else None, None) + (None,) * ctx.n_saved
+        gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), do, dht, cot)
+        return gx + (ddo, ddht, None) + (None,) * ctx.n_saved
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """``d(Jᵀ c) = ∇²⟨f, c⟩ ẋ + Jᵀ ċ`` for ``c = (do, dht)``."""
+        q, k, v, beta, G, h0, do, dht, *saved = ctx.saved_tensors
+        gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), do, dht, tangents[:6])[0]
+        tdo, tdht = tangents[6:8]
+        if tdo is None and tdht is None:
+            return gx
+        tdo = torch.zeros_like(do) if tdo is None else tdo.contiguous()
+        lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *saved)
+        return tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
+
+
+def _second_order(scale: float, primals: tuple[Tensor | None, ...], do: Tensor, dht: Tensor | None,
+                  dirs: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
+    """For ``f = (o, h_T)`` at ``primals = (q, k, v, beta, G, h0)`` and ``c = (do, dht)``:
+    ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the dual kernels when
+    :func:`_dual_ok`, else by differentiating the composed form (``TUNING.hvp_mode``)."""
+    q, k, v, beta, G, h0 = primals
+    if _dual_ok(G):
+        tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
+        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *tangents)
+        return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
+    f, xs, directions, present = _composed_at(scale, primals, dirs)
+    had_dht = dht is not None
+    if not had_dht:
+        dht = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], device=q.device,
+                          dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    with _matmul_precision(q):
+        if TUNING.hvp_mode == "rev_rev":
+            gx, ddo, ddht = _reverse_over_reverse(f, xs, do, dht, directions)
+        else:
+            gx, ddo, ddht = _forward_over_reverse(f, xs, do, dht, directions)
+    gx = dict(zip(present, gx))
+    return tuple(gx.get(n) for n in _PRIMALS), ddo, (ddht if had_dht else None)
+
+
+class _NoThirdOrder(torch.autograd.Function):
+    """Base of the dual-kernel Functions: their own derivatives (third order) are not implemented."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise NotImplementedError(_THIRD_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise NotImplementedError(_THIRD_ORDER)
+
+
+_THIRD_ORDER = ("third-order derivatives through the DeltaProduct kernels need the composed path: set "
+                "kernels.delta_product.utils.TUNING.hvp_mode = 'fwd_rev' (or DELTA_PRODUCT_TUNING=hvp_mode=fwd_rev)")
+
+
+class DualForward(_NoThirdOrder):
+    """``(q, k, v, beta, h0, scale, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T)``: the tangent of the operator
+    (``J ẋ``) by the forward kernels in dual numbers (no gate; ``ḣ0`` None iff ``h0`` is)."""
+
+    @staticmethod
+    def forward(q, k, v, beta, h0, scale, *tangents):
+        return chunk_fwd(q, k, v, beta, None, h0, scale, True, tangents)[3][:2]
+
+
+class DualBackward(_NoThirdOrder):
+    """``(q, k, v, beta, h0, do, dht, scale, q̇, k̇, v̇, β̇, ḣ0) → (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``:
+    the dual forward then the dual backward at the cotangents ``(do, dht)``, whose dual parts are the
+    Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ`` (``ḣ_T`` None when ``dht`` is)."""
+
+    @staticmethod
+    def forward(q, k, v, beta, h0, do, dht, scale, *tangents):
+        _, _, saved, (to, tht, tsaved) = chunk_fwd(q, k, v, beta, None, h0, scale, dht is not None, tangents)
+        hvp = chunk_bwd(q, k, v, beta, None, h0, scale, saved, do, dht, (tangents, tsaved))[1]
+        return hvp + (to, tht)
+
+
+def _dual_ok(G: Tensor | None) -> bool:
+    """The dual kernels serve forward mode and the double backward: ``hvp_mode = "dual"``, no gate."""
+    return TUNING.hvp_mode == "dual" and G is None
+
+
+def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """Contiguous tangents in the primals' dtypes, zeros where None (None where the primal is)."""
+    return tuple(None if x is None else (torch.zeros_like(x) if t is None else t.to(x.dtype).contiguous())
+                 for x, t in zip(primals, tangents))
 
 
 def _reverse_over_reverse(f, xs: tuple[Tensor, ...], do: Tensor, dht: Tensor, v: tuple[Tensor, ...]):

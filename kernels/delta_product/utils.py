@@ -58,9 +58,10 @@ class Tuning:
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
             (``torch.linalg.solve_triangular``) or ``"kernel"`` (``tri_inverse.unit_lower_inverse``
             and matmuls: all its derivatives are batched matmuls).
-        hvp_mode: how the double backward differentiates the composed form: ``"rev_rev"``
-            (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
-            ``x ↦ (f(x), vjp)``, no graph of the backward kept).
+        hvp_mode: the double backward and ``jvp``: ``"dual"``, the fused kernels run in dual numbers
+            (forward-over-reverse; without a gate, else as ``"fwd_rev"``); or differentiate the composed
+            form: ``"rev_rev"`` (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one
+            ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``, no graph of the backward kept).
     """
 
     inverse: str = "tiles"
@@ -79,7 +80,7 @@ class Tuning:
     bwd_store: str = "input"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
-    hvp_mode: str = "fwd_rev"
+    hvp_mode: str = "dual"
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -107,7 +108,7 @@ class Tuning:
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("rev_rev", "fwd_rev")),
+                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

@@ -245,11 +245,10 @@ def main():
                                         seed=B + T + n_h)
                         r = judge(first_order(x, D ** -0.5), dt)
                         del x
-                        r2 = dict(ok=True, max=0.0, skipped=True)
-                        if gate or args.smoke:  # the gated path exercises every second-order term
-                            x2 = make_inputs(1, T, 2, D, D, n_h, dtype=dt, gate=gate, h0=True, correlated=True,
-                                             seed=T + n_h)
-                            r2 = judge(second_order(x2, 1.0), dt)
+                        # second order: the dual kernels without a gate, the composed form with one
+                        x2 = make_inputs(1, T, 2, D, D, n_h, dtype=dt, gate=gate, h0=True, correlated=True,
+                                         seed=T + n_h)
+                        r2 = judge(second_order(x2, 1.0), dt)
                     except Exception as e:  # noqa: BLE001 - recorded as a result
                         r = r2 = dict(ok=False, max=float("nan"), bad={"exception": repr(e)[:300]})
                     row = dict(shape=[B, T, H, D], n_h=n_h, gate=gate, dtype=str(dt)[6:], first=r, second=r2)

@@ -2,14 +2,16 @@
 
 A Hessian-vector product of ``⟨do, o(x)⟩`` (``o = chunk_delta_product(x)``, every input a leaf)
 in fixed random directions, computed by double backward with ``TUNING.hvp_mode`` =
-``"rev_rev"`` (``torch.func.vjp`` of the composed form's ``vjp``) or ``"fwd_rev"`` (one
-``torch.func.jvp`` of ``x ↦ (f(x), vjp)``), each with and without ``hvp_tf32``. At
-(4, 4096, 16, 128), no gate, bf16, ``n_h ∈ {1, 2}``: the median time
-(``triton.testing.do_bench``), the ratio to forward+backward and the relative difference from the
-``rev_rev`` result; at (1, 1024, 2, 128) with a gate and an initial state, each mode's error
-against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``.
+``"dual"`` (the fused kernels in dual numbers), ``"rev_rev"`` (``torch.func.vjp`` of the composed
+form's ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``): ``fwd_rev`` (bf16
+with ``hvp_tf32``, the former default) and ``dual``, or with ``--all-modes`` also ``rev_rev`` and
+the composed modes with and without ``hvp_tf32``. At (4, 4096, 16, 128), no gate,
+``n_h ∈ {1, 2, 3}``, bf16 and float32: the median time (``triton.testing.do_bench``), the ratio to
+forward+backward and the relative difference from the first mode's result; at (1, 1024, 2, 128)
+with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev``), each mode's
+error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``.
 
-    python benchmarks/kernels_hvp_modes.py [--out DIR]
+    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 1 2 3] [--dtypes bfloat16 float32] [--out DIR]
 """
 from __future__ import annotations
 
@@ -31,29 +33,33 @@ from kernels.delta_product.utils import TUNING
 os.environ["DELTA_PRODUCT_POISON"] = "0"  # kernels_check turns NaN-filling on at import; it would cost time here
 
 B, T, H, D = 4, 4096, 16, 128
-MODES = (("rev_rev", False), ("rev_rev", True), ("fwd_rev", False), ("fwd_rev", True))
+MODES = {torch.bfloat16: (("fwd_rev", True), ("dual", False)), torch.float32: (("fwd_rev", False), ("dual", False))}
+ALL_MODES = (("rev_rev", False), ("rev_rev", True), ("fwd_rev", False), ("fwd_rev", True), ("dual", False))
 
 
-def measure(n_h: int) -> list[dict]:
-    x = make_inputs(B, T, H, D, D, n_h, correlated=n_h > 1, seed=n_h)
+def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, correlated=n_h > 1, seed=n_h)
     xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
     gen = torch.Generator(device="cuda").manual_seed(n_h)
     vs = [torch.randn(t.shape, generator=gen, device="cuda") for t in xs.values()]
-    do = torch.randn(B, T, H, D, generator=gen, device="cuda").bfloat16()
+    do = torch.randn(B, T, H, D, generator=gen, device="cuda").to(dtype)
     fwdbwd = triton.testing.do_bench(lambda: torch.autograd.grad(ours(xs, D ** -0.5)[0], list(xs.values()), do),
                                      warmup=10, rep=100, return_mode="median")
     hvp = hvp_fn(xs, do, vs, D ** -0.5)
     rows, base = [], None
-    for mode, tf32 in MODES:
+    for mode, tf32 in modes:
         TUNING.hvp_mode, TUNING.hvp_tf32 = mode, tf32
         result = hvp()
-        if base is None:  # the first mode, rev_rev without TF32, is the baseline
+        if base is None:  # the first mode is the baseline
             base = result
         ms = triton.testing.do_bench(hvp, warmup=2, rep=300, return_mode="median")
-        small = make_inputs(1, 1024, 2, D, D, n_h, gate=True, h0=True, correlated=n_h > 1, seed=10 + n_h)
-        err = second_order(small, D ** -0.5)
-        rows.append(dict(n_h=n_h, mode=mode, hvp_tf32=tf32, hvp_ms=ms, fwdbwd_ms=fwdbwd, ratio=ms / fwdbwd,
-                         diff_from_rev_rev=max(rel(a, b) for a, b in zip(result, base)),
+        err = {}
+        for gate in (False, True):
+            small = make_inputs(1, 1024, 2, D, D, n_h, dtype=dtype, gate=gate, h0=True, correlated=n_h > 1,
+                                seed=10 + n_h)
+            err.update({f"{k}{'_gate' if gate else ''}": e for k, e in second_order(small, D ** -0.5).items()})
+        rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], mode=mode, hvp_tf32=tf32, hvp_ms=ms, fwdbwd_ms=fwdbwd,
+                         ratio=ms / fwdbwd, diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
                          max_err_vs_float64=max(err.values()), err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -61,24 +67,28 @@ def measure(n_h: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--all-modes", action="store_true", help="also rev_rev and the TF32 variants")
+    ap.add_argument("--nh", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     default = TUNING.spec()
     try:
-        rows = [row for n_h in (1, 2) for row in measure(n_h)]
+        rows = [row for dtype in args.dtypes for n_h in args.nh
+                for row in measure(n_h, getattr(torch, dtype), ALL_MODES if args.all_modes else MODES[getattr(torch, dtype)])]
     finally:
         TUNING.load(default)
-    res = dict(env_info(), shape=[B, T, H, D], dtype="bfloat16", rows=rows)
+    res = dict(env_info(), shape=[B, T, H, D], rows=rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels_hvp_modes.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}, bf16")
-    print(f"{'n_h':>3} {'mode':>8} {'tf32':>5} | {'HVP ms':>7} {'fwd+bwd':>7} {'ratio':>6} | "
-          f"{'diff vs rev_rev':>15} {'err vs f64':>10}")
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
+    print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'HVP ms':>7} {'fwd+bwd':>7} {'ratio':>6} | "
+          f"{'diff vs first':>13} {'err vs f64':>10}")
     for r in rows:
-        print(f"{r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['hvp_ms']:7.2f} {r['fwdbwd_ms']:7.2f} "
-              f"{r['ratio']:5.1f}x | {r['diff_from_rev_rev']:15.2e} {r['max_err_vs_float64']:10.2e}")
+        print(f"{r['dtype']:>8} {r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['hvp_ms']:7.2f} "
+              f"{r['fwdbwd_ms']:7.2f} {r['ratio']:5.1f}x | {r['diff_from_first']:13.2e} {r['max_err_vs_float64']:10.2e}")
 
 
 if __name__ == "__main__":

@@ -208,28 +208,32 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     _all_orders(kernel, x, 2e-5, torch.float32)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V", [
-    (70, 1, False, 16, 32),   # two chunks, T not divisible by the chunk
-    (40, 2, True, 32, 16),
-    (30, 3, True, 24, 20),    # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16),    # one short chunk
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, mode", [
+    (70, 1, False, 16, 32, torch.float32, "dual"),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16, torch.float32, "dual"),
+    (30, 3, True, 24, 20, torch.float32, "dual"),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32, "dual"),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, "auto"),   # the default takes the dual kernels for bf16
 ])
-def test_dual_kernels_hvp_and_jvp_float32(T, n_h, h0, K, V, monkeypatch):
-    """The fused dual-number kernels (``hvp_mode = "dual"``, the default): double backward and
-    ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first."""
-    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, mode, monkeypatch):
+    """The fused dual-number kernels (``hvp_mode = "dual"``; ``"auto"``, the default, for bf16):
+    double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
+    (tolerance: float32 2e-5, bf16 4e-2 as for the first order)."""
+    monkeypatch.setattr(TUNING, "hvp_mode", mode)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
 
     def kernel(**a):
         return chunk_delta_product(**a, output_final_state=True, scale=0.8)
 
-    _all_orders(kernel, x, 2e-5, torch.float32)
+    _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
 
 
 @pytest.mark.parametrize("gate", [False, True])
-def test_torch_func_hvp_forward_and_reverse_over_reverse(gate):
+def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     """``torch.func.jvp(grad(ℓ))`` (the backward Function's ``jvp``) and ``torch.func.vjp(grad(ℓ))``
-    give the float64 Hessian-vector product, for a loss nonlinear in both outputs."""
+    give the float64 Hessian-vector product, for a loss nonlinear in both outputs (the dual kernels
+    without a gate, the composed form with one)."""
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=gate, initial_state=True, correlated=True, seed=3)
     names = [n for n in ARGS if x[n] is not None]
     xs = tuple(x[n].float() for n in names)
@@ -249,3 +253,14 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate):
     errs = {f"{way}_{n}": rel_err(a.double(), b) for way, h in (("fwd", h_fwd), ("rev", h_rev))
             for n, a, b in zip(names, h, h64)}
     assert max(errs.values()) < 2e-5, errs
+
+
+def test_third_order_through_the_dual_kernels_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    x = make_inputs(B=1, T=6, n_h=2, H=1, K=16, V=16, gate=False, initial_state=False, seed=4)
+    xs = [x[n].float().requires_grad_() for n in ("q", "k", "v", "beta")]
+    o, _ = chunk_delta_product(*xs)
+    g = torch.autograd.grad(o.sum(), xs, create_graph=True)
+    h = torch.autograd.grad(sum((a * a).sum() for a in g), xs, create_graph=True)
+    with pytest.raises(NotImplementedError, match="hvp_mode = 'fwd_rev'"):
+        torch.autograd.grad(sum(a.sum() for a in h), xs)

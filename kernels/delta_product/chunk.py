@@ -3,11 +3,12 @@ differentiable form for everything of higher order.
 
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
-  the forward kernels in dual numbers (``TUNING.hvp_mode = "dual"``, no gate), else forward mode
+  the forward kernels in dual numbers (``TUNING.hvp_mode``: ``"dual"``, or ``"auto"`` for bf16; no
+  gate), else forward mode
   through :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
   Hessian-vector products) is forward-over-reverse by the dual forward and backward kernels
-  (``"dual"``, no gate): with ``x + ε c`` as input, the dual parts of the outputs are ``J c`` and
+  (as for ``jvp``): with ``x + ε c`` as input, the dual parts of the outputs are ``J c`` and
   of the gradients ``∇²⟨f, (do, dht)⟩ c``. Otherwise it is the second derivative of the composed
   form, reverse-over-reverse or forward-over-reverse (``TUNING.hvp_mode``; a gate always takes
   ``"fwd_rev"`` there), whose only sequential part is the low-rank :func:`~kernels.delta_product.scan.chunk_scan`.
@@ -102,7 +103,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         primals = ctx.saved_tensors
-        if _dual_ok(primals[4]):
+        if _dual_ok(primals[0], primals[4]):
             q, k, v, beta, _, h0 = primals
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             do, dht = DualForward.apply(q, k, v, beta, h0, ctx.scale, *tangents)
@@ -153,7 +154,7 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], do: Tensor, 
     ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the dual kernels when
     :func:`_dual_ok`, else by differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
-    if _dual_ok(G):
+    if _dual_ok(q, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *tangents)
         return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
@@ -212,9 +213,10 @@ class DualBackward(_NoThirdOrder):
         return hvp + (to, tht)
 
 
-def _dual_ok(G: Tensor | None) -> bool:
-    """The dual kernels serve forward mode and the double backward: ``hvp_mode = "dual"``, no gate."""
-    return TUNING.hvp_mode == "dual" and G is None
+def _dual_ok(q: Tensor, G: Tensor | None) -> bool:
+    """The dual kernels serve forward mode and the double backward: no gate, and ``hvp_mode = "dual"``,
+    or ``"auto"`` with 16-bit inputs."""
+    return G is None and (TUNING.hvp_mode == "dual" or (TUNING.hvp_mode == "auto" and q.dtype.itemsize == 2))
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -242,13 +242,13 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_x = b_beta * b_ex
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    # K Kᵀ; not in dual numbers, where Σ_j dA_ij (KKᵀ)_ij = Σ_d K_id (dA K)_id frees two 64×64 tiles
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
     b_tT = b_T
     b_tbeta = b_beta
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # k̇ kᵀ
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     if DUAL:
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
@@ -260,7 +260,8 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_xk = b_k * b_x[:, None]
         b_dT += mm(b_dw, tl.trans(b_xk), DOT, PREC)
         b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+        if USE_G or not DUAL:
+            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
         if USE_G:
             b_db += tl.sum(b_dx * b_k, 1) * b_ex
             b_dg += tl.sum(b_dx * b_xk, 1)
@@ -272,7 +273,6 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
             b_txk = b_tk * b_x[:, None] + b_k * b_tbeta[:, None]
             b_tdT += mm(b_tdw, tl.trans(b_xk), DOT, PREC) + mm(b_dw, tl.trans(b_txk), DOT, PREC)
             b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
-            b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
             b_tdb += tl.sum(b_tdx * b_k + b_dx * b_tk, 1)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
@@ -299,42 +299,52 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     if USE_G:
         b_e = masked_exp(g_i[:, None] - g_i[None, :], m_A)
         b_dA = b_dA * b_e
-    b_db += tl.sum(b_dA * b_kk, 1)
+    if USE_G or not DUAL:
+        b_db += tl.sum(b_dA * b_kk, 1)
     b_dc = b_dA * b_beta[:, None]
+    b_tdA = b_dA
     b_tdc = b_dc
     if DUAL:  # d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ)), strictly lower
         b_tdT = tl.where(m_A, b_tdT, 0.0)
         b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)
         b_tdA = -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC)
         b_tdA = tl.where(m_A, b_tdA, 0.0)
-        b_tdb += tl.sum(b_tdA * b_kk + b_dA * (b_tkk + tl.trans(b_tkk)), 1)
         b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
-        tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
     if USE_G:
         b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_dc * b_kk)  # same token: E = 1
         b_dg += tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
         own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
         tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
-    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        b_dkk += b_dx * b_x[:, None]
-        b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
+        b_dkk += b_dx * b_x[:, None] + mm(tl.trans(b_dc), b_k, DOT, PREC)
+        if USE_G or not DUAL:
+            b_dkk += mm(b_dc, b_k, DOT, PREC)
+        else:  # dc K = diag(β) dA K
+            b_dak = mm(b_dA, b_k, DOT, PREC)
+            b_dkk += b_dak * b_beta[:, None]
+            b_db += tl.sum(b_k * b_dak, 1)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
         if DUAL:
             b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
             b_tdw = load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
             b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
             b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
+            b_tdak = mm(b_tdA, b_k, DOT, PREC)
+            b_datk = mm(b_dA, b_tk, DOT, PREC)
             b_tdkk += b_tdx * b_x[:, None] + b_dx * b_tbeta[:, None]
-            b_tdkk += mm(b_tdc, b_k, DOT, PREC) + mm(b_dc, b_tk, DOT, PREC)
+            b_tdkk += (b_tdak + b_datk) * b_beta[:, None] + b_dak * b_tbeta[:, None]
             b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
+            b_tdb += tl.sum(b_k * (b_tdak + b_datk) + b_tk * b_dak, 1)
             store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
+    if DUAL:
+        tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
 
 
 def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
@@ -351,9 +361,9 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
         ``(dq, dk, dv, dbeta, dh0)`` with ``dual``, else None.
     """
     Ti, W, Hs, U = saved
-    c = launch_config(q, k, v)
-    B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     on = dual is not None
+    c = launch_config(q, k, v, on)
+    B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"], DUAL=on)
     dev, f32 = q.device, torch.float32
     (tq, tk, tv, tbeta, _), (tTi, tW, tHs, tU) = dual if on else ((q, k, v, beta, h0), saved)
@@ -371,14 +381,14 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
 
     dUl, tdUl = pair(B, H, N, V, dtype=mid)
     launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, tq, tk, tdUl, scale, T, N, BQ=c["BQ"], BK=c["BK"],
-           BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_dv, **common)
+           BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_dv, on), **common)
     dHs, tdHs = pair(*Hs.shape, dtype=Hs.dtype)
     dU, tdU = pair(B, H, N, V, dtype=mid)
     dh0, tdh0 = pair(B, H, K, V, dtype=f32) if h0 is not None else (dUl, dUl)
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0, tq, tk, tW, tdUl, tdHs, tdU, tdh0, scale,
            T, N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_DHT=int(dht is not None),
-           STORE_DH0=int(h0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
+           STORE_DH0=int(h0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps(TUNING.warps_scan, on), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     dq, tdq = pair(*q.shape, dtype=q.dtype)
@@ -387,14 +397,14 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
            tq, tk, tHs, tdHs, tU, tdU, tdq, tdk_part, tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"],
-           USE_G=use_g, num_warps=TUNING.warps_dqkw, **common)
+           USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_dqkw, on), **common)
     dk, tdk = pair(*k.shape, dtype=k.dtype)
     dv, tdv = pair(*v.shape, dtype=v.dtype)
     dbeta, tdbeta = pair(B, T, c["NH"], H, dtype=f32)
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
            dG2 if use_g else dbeta, tk, tv, tbeta, tTi, tdW, tdU, tdk_part, tdk, tdv, tdbeta, T, N, BQ=c["BQ"],
-           BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_wy, **common)
+           BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_wy, on), **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     grads = (dq, dk, dv, dbeta, dG, dh0 if h0 is not None else None)
     return grads, ((tdq, tdk, tdv, tdbeta, tdh0 if h0 is not None else None) if on else None)

@@ -191,16 +191,16 @@ def out_kernel(q, k, G, Hs, U, O, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: tl
         store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
-def launch_config(q: Tensor, k: Tensor, v: Tensor) -> dict:
-    """Sizes and constexprs shared by the forward and backward launches."""
+def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
+    """Sizes and constexprs shared by the forward and backward launches (``dual``: in dual numbers)."""
     B, T, H, K = q.shape
     n_h, V = k.shape[2], v.shape[-1]
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, TUNING.tile(q.dtype)),
-                BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.bv_scan), DOT=dot, PREC=prec, INTERPRET=interpreting())
+                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, TUNING.tile(q.dtype, dual)),
+                BVB=min(bv, TUNING.tile(q.dtype, dual)), BVS=min(bv, (TUNING.bv_dual or TUNING.bv_scan) if dual else TUNING.bv_scan), DOT=dot, PREC=prec, INTERPRET=interpreting())
 
 
 def twin(x: Tensor | None) -> Tensor | None:
@@ -223,9 +223,9 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
         ``(o, final_state or None, saved, dual)``, ``saved = (Ti, W, Hs, U)`` for the backward;
         ``dual = (ȯ, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))`` with ``tangents``, else None.
     """
-    c = launch_config(q, k, v)
-    B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     dual = tangents is not None
+    c = launch_config(q, k, v, dual)
+    B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"], DUAL=dual)
     dev, st = q.device, q.dtype
     use_g = G is not None
@@ -237,7 +237,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     tTi, tW, tU0 = (twin(Ti), twin(W), twin(U0)) if dual else (Ti, W, U0)
     launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, tk, tv, tbeta, tTi, tW, tU0, T, N,
            BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse,
-           INV_TILES=TUNING.inverse == "tiles", num_warps=TUNING.prep_warps(q.dtype), **common)
+           INV_TILES=TUNING.inverse == "tiles", num_warps=TUNING.warps(TUNING.prep_warps(q.dtype), dual), **common)
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
@@ -246,9 +246,9 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
            ht if ht is not None else W, tk, tW, tU0, th0 if th0 is not None else W, tHs, tU,
            tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"], USE_G=use_g,
            USE_H0=int(h0 is not None), STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"],
-           num_warps=TUNING.warps_scan, **common)
+           num_warps=TUNING.warps(TUNING.warps_scan, dual), **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     to = twin(o) if dual else o
     launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, tq, tk, tHs, tU, to, scale, T,
-           N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
+           N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_out, dual), **common)
     return o, ht, (Ti, W, Hs, U), ((to, tht, (tTi, tW, tHs, tU)) if dual else None)

@@ -45,6 +45,12 @@ class Tuning:
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
             forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels
             (``warps_prep = 0`` chooses by dtype: :meth:`prep_warps`).
+        warps_dual: ``num_warps`` of every kernel run in dual numbers (``hvp_mode = "dual"``), which
+            holds twice the tiles of its primal (0: the primal's; 4 or 8: 16 warps and float32 inputs
+            hit an illegal memory access on an H100 with Triton 3.6).
+        block_dual: columns per tile of the parallel kernels in dual numbers (0: half of :meth:`tile`).
+        bv_dual: value columns per program of the chunk scans in dual numbers (0: ``bv_scan``; 16 was
+            slower for bf16 and hit an illegal memory access for float32 on an H100, so it is refused).
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
@@ -61,7 +67,9 @@ class Tuning:
         hvp_mode: the double backward and ``jvp``: ``"dual"``, the fused kernels run in dual numbers
             (forward-over-reverse; without a gate, else as ``"fwd_rev"``); or differentiate the composed
             form: ``"rev_rev"`` (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one
-            ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``, no graph of the backward kept).
+            ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``, no graph of the backward kept); ``"auto"``:
+            ``"dual"`` for 16-bit inputs, ``"fwd_rev"`` for float32 (whose dual kernels spill
+            registers: 6–30× forward+backward on an H100, against 5.5–7× composed).
     """
 
     inverse: str = "tiles"
@@ -73,6 +81,9 @@ class Tuning:
     warps_dv: int = 4
     warps_dqkw: int = 4
     warps_wy: int = 4
+    warps_dual: int = 8
+    block_dual: int = 0
+    bv_dual: int = 0
     bv_scan: int = 32
     block: int = 0
     bk_dqkw: int = 64
@@ -80,14 +91,21 @@ class Tuning:
     bwd_store: str = "input"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
-    hvp_mode: str = "dual"
+    hvp_mode: str = "auto"
 
-    def tile(self, dtype: torch.dtype) -> int:
+    def tile(self, dtype: torch.dtype, dual: bool = False) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
-        64 for float32 (whose 128-wide tiles spill registers: 2× slower on an H100)."""
+        64 for float32 (whose 128-wide tiles spill registers: 2× slower on an H100); in dual numbers
+        ``block_dual``, or when 0, half of that."""
+        if dual:
+            return self.block_dual or self.tile(dtype) // 2
         if self.block:
             return self.block
         return 128 if dtype.itemsize == 2 else 64
+
+    def warps(self, primal: int, dual: bool) -> int:
+        """``num_warps`` of a launch whose primal kernel runs at ``primal`` warps."""
+        return (self.warps_dual or primal) if dual else primal
 
     def prep_warps(self, dtype: torch.dtype) -> int:
         """``num_warps`` of the forward prep kernel: ``warps_prep``, or when 0, 2 for 16-bit inputs
@@ -107,8 +125,10 @@ class Tuning:
         precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
+        warps["warps_dual"] = (0, 4, 8)
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
+                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("auto", "dual", "rev_rev", "fwd_rev")),
+                              ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

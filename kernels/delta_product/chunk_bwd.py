@@ -115,7 +115,10 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, tq, tk, tW, tdUl, tdH
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
+    if DUAL:
+        b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
+    else:  # nothing to carry through the loop
+        b_tdh = 0.0
     if USE_DHT > 0:
         b_dh += load_rows(dHT + i_bh * K * V, o_k, m_k, V, o_v, m_v)
     if INTERPRET:
@@ -229,7 +232,8 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
                   tdv, tdbeta, T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                   BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
                   DOT: tl.constexpr, PREC: tl.constexpr, DUAL: tl.constexpr):
-    """``DUAL``: also the tangents of ``dK, dV, dβ`` (no gate), with ``Ṫ`` from the dual prep."""
+    """``DUAL``: also the tangents of ``dK, dV, dβ`` (no gate), with ``Ṫ`` from the dual prep; there
+    ``Σ_j dA_ij (KKᵀ)_ij = Σ_d K_id (dA K)_id`` replaces ``K Kᵀ`` (two 64×64 tiles fewer)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -242,7 +246,6 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_x = b_beta * b_ex
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
-    # K Kᵀ; not in dual numbers, where Σ_j dA_ij (KKᵀ)_ij = Σ_d K_id (dA K)_id frees two 64×64 tiles
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
@@ -260,7 +263,7 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_xk = b_k * b_x[:, None]
         b_dT += mm(b_dw, tl.trans(b_xk), DOT, PREC)
         b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        if USE_G or not DUAL:
+        if not DUAL:
             b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
         if USE_G:
             b_db += tl.sum(b_dx * b_k, 1) * b_ex
@@ -293,13 +296,12 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
                        o_v < V)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
-    b_dTT = mm(b_dT, tl.trans(b_T), DOT, PREC)
-    b_dA = -mm(tl.trans(b_T), b_dTT, DOT, PREC)
+    b_dA = -mm(tl.trans(b_T), mm(b_dT, tl.trans(b_T), DOT, PREC), DOT, PREC)
     b_dA = tl.where(m_A, b_dA, 0.0)
     if USE_G:
         b_e = masked_exp(g_i[:, None] - g_i[None, :], m_A)
         b_dA = b_dA * b_e
-    if USE_G or not DUAL:
+    if not DUAL:
         b_db += tl.sum(b_dA * b_kk, 1)
     b_dc = b_dA * b_beta[:, None]
     b_tdA = b_dA
@@ -307,7 +309,8 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     if DUAL:  # d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ)), strictly lower
         b_tdT = tl.where(m_A, b_tdT, 0.0)
         b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)
-        b_tdA = -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC)
+        b_tdA = (-mm(tl.trans(b_tT), mm(b_dT, tl.trans(b_T), DOT, PREC), DOT, PREC)
+                 - mm(tl.trans(b_T), b_inner, DOT, PREC))
         b_tdA = tl.where(m_A, b_tdA, 0.0)
         b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
     if USE_G:
@@ -316,18 +319,20 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
         own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
         tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
+    if not DUAL:
+        tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        b_dkk += b_dx * b_x[:, None] + mm(tl.trans(b_dc), b_k, DOT, PREC)
-        if USE_G or not DUAL:
-            b_dkk += mm(b_dc, b_k, DOT, PREC)
+        if not DUAL:
+            b_dkk += mm(tl.trans(b_T), b_dw, DOT, PREC) * b_x[:, None]
+            b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
         else:  # dc K = diag(β) dA K
+            b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
             b_dak = mm(b_dA, b_k, DOT, PREC)
-            b_dkk += b_dak * b_beta[:, None]
+            b_dkk += b_dx * b_x[:, None] + b_dak * b_beta[:, None] + mm(tl.trans(b_dc), b_k, DOT, PREC)
             b_db += tl.sum(b_k * b_dak, 1)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
         if DUAL:
@@ -342,8 +347,8 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
             b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
             b_tdb += tl.sum(b_k * (b_tdak + b_datk) + b_tk * b_dak, 1)
             store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
-    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
     if DUAL:
+        tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
         tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
 
 

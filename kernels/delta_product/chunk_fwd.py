@@ -132,7 +132,10 @@ def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, tk, tW, tU0, tH0, tHs, tU, tHT, T,
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    b_th = tl.zeros([BK, BV], dtype=tl.float32)
+    if DUAL:
+        b_th = tl.zeros([BK, BV], dtype=tl.float32)
+    else:  # nothing to carry through the loop
+        b_th = 0.0
     if USE_H0 > 0:
         b_h += load_rows(H0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
         if DUAL:

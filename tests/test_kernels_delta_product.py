@@ -127,6 +127,13 @@ def test_tuning_spec_is_validated():
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
+    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice"):  # 16: illegal memory access (float32)
+        with pytest.raises(ValueError, match=refused.split("=")[0]):
+            Tuning().update(refused)
+    dual = Tuning().update("warps_dual=4")
+    assert dual.warps(2, True) == 4 and dual.warps(2, False) == 2 and Tuning().update("warps_dual=0").warps(2, True) == 2
+    assert Tuning().tile(torch.bfloat16, dual=True) == 64 and Tuning().tile(torch.float32, dual=True) == 32
+    assert Tuning().scan_cols(dual=True) == Tuning().bv_scan and Tuning().update("bv_dual=64").scan_cols(True) == 64
 
 
 def test_uncorrelated_keys_beta_up_to_one():

@@ -4,8 +4,7 @@ differentiable form for everything of higher order.
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
   the forward kernels in dual numbers (``TUNING.hvp_mode``: ``"dual"``, or ``"auto"`` for bf16; no
-  gate), else forward mode
-  through :func:`~kernels.delta_product.composed.composed_delta_product`.
+  gate), else forward mode through :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
   Hessian-vector products) is forward-over-reverse by the dual forward and backward kernels
   (as for ``jvp``): with ``x + ε c`` as input, the dual parts of the outputs are ``J c`` and
@@ -143,7 +142,7 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         tdo, tdht = tangents[6:8]
         if tdo is None and tdht is None:
             return gx
-        tdo = torch.zeros_like(do) if tdo is None else tdo.contiguous()
+        tdo = torch.zeros_like(do) if tdo is None else tdo
         lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *saved)
         return tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
 
@@ -172,6 +171,10 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], do: Tensor, 
     return tuple(gx.get(n) for n in _PRIMALS), ddo, (ddht if had_dht else None)
 
 
+_THIRD_ORDER = ("third-order derivatives through the DeltaProduct kernels need the composed path: set "
+                "kernels.delta_product.utils.TUNING.hvp_mode = 'fwd_rev' (or DELTA_PRODUCT_TUNING=hvp_mode=fwd_rev)")
+
+
 class _NoThirdOrder(torch.autograd.Function):
     """Base of the dual-kernel Functions: their own derivatives (third order) are not implemented."""
 
@@ -186,10 +189,6 @@ class _NoThirdOrder(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *_):
         raise NotImplementedError(_THIRD_ORDER)
-
-
-_THIRD_ORDER = ("third-order derivatives through the DeltaProduct kernels need the composed path: set "
-                "kernels.delta_product.utils.TUNING.hvp_mode = 'fwd_rev' (or DELTA_PRODUCT_TUNING=hvp_mode=fwd_rev)")
 
 
 class DualForward(_NoThirdOrder):

@@ -53,7 +53,6 @@ def dv_local_kernel(q, k, G, dO, dUl, tq, tk, tdUl, scale, T, N, H, K: tl.conste
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
     b_s = tl.where(m_s, b_s, 0.0)
-    b_ts = b_s
     if DUAL:
         b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
         b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
@@ -157,10 +156,11 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, tq, tk, tHs, tdHs, 
     b_dw = tl.zeros([BT, BKB], dtype=tl.float32)
     b_dkt = tl.zeros([BT, BKB], dtype=tl.float32)
     b_hdh = tl.zeros([BKB], dtype=tl.float32)
-    b_tdqa = tl.zeros([BQ, BKB], dtype=tl.float32)
-    b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
-    b_tdw = tl.zeros([BT, BKB], dtype=tl.float32)
-    b_tdkt = tl.zeros([BT, BKB], dtype=tl.float32)
+    if DUAL:
+        b_tdqa = tl.zeros([BQ, BKB], dtype=tl.float32)
+        b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
+        b_tdw = tl.zeros([BT, BKB], dtype=tl.float32)
+        b_tdkt = tl.zeros([BT, BKB], dtype=tl.float32)
     h_ptr = (i_bh * NC + i_c) * K * V
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
@@ -249,11 +249,9 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    b_tT = b_T
-    b_tbeta = b_beta
-    b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_tdb = tl.zeros([BT], dtype=tl.float32)
     if DUAL:
+        b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
+        b_tdb = tl.zeros([BT], dtype=tl.float32)
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
         b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
@@ -304,8 +302,6 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     if not DUAL:
         b_db += tl.sum(b_dA * b_kk, 1)
     b_dc = b_dA * b_beta[:, None]
-    b_tdA = b_dA
-    b_tdc = b_dc
     if DUAL:  # d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ)), strictly lower
         b_tdT = tl.where(m_A, b_tdT, 0.0)
         b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)

@@ -44,7 +44,8 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, tk, tv, tbeta, tTi, tW, tU0, T, N, H, 
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # k̇ kᵀ (DUAL)
+    if DUAL:
+        b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # k̇ kᵀ
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -203,7 +204,8 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
                 BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, TUNING.tile(q.dtype, dual)),
-                BVB=min(bv, TUNING.tile(q.dtype, dual)), BVS=min(bv, (TUNING.bv_dual or TUNING.bv_scan) if dual else TUNING.bv_scan), DOT=dot, PREC=prec, INTERPRET=interpreting())
+                BVB=min(bv, TUNING.tile(q.dtype, dual)), BVS=min(bv, TUNING.scan_cols(dual)), DOT=dot, PREC=prec,
+                INTERPRET=interpreting())
 
 
 def twin(x: Tensor | None) -> Tensor | None:
@@ -253,5 +255,6 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     to = twin(o) if dual else o
     launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, tq, tk, tHs, tU, to, scale, T,
-           N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_out, dual), **common)
+           N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_out, dual),
+           **common)
     return o, ht, (Ti, W, Hs, U), ((to, tht, (tTi, tW, tHs, tU)) if dual else None)

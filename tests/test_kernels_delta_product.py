@@ -130,10 +130,11 @@ def test_tuning_spec_is_validated():
     for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
-    dual = Tuning().update("warps_dual=4")
-    assert dual.warps(2, True) == 4 and dual.warps(2, False) == 2 and Tuning().update("warps_dual=0").warps(2, True) == 2
-    assert Tuning().tile(torch.bfloat16, dual=True) == 64 and Tuning().tile(torch.float32, dual=True) == 32
-    assert Tuning().scan_cols(dual=True) == Tuning().bv_scan and Tuning().update("bv_dual=64").scan_cols(True) == 64
+    assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
+    assert Tuning().tangent_launch("wy", torch.float32) == (8, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
+    assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
+    assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
+    assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
 
 
 def test_uncorrelated_keys_beta_up_to_one():

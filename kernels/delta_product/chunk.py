@@ -25,6 +25,8 @@ from torch import Tensor
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.composed import composed_delta_product
+from kernels.delta_product.tangent_bwd import chunk_bwd_tangent
+from kernels.delta_product.tangent_fwd import chunk_fwd_tangent
 from kernels.delta_product.varlen import varlen_delta_product
 from kernels.delta_product.utils import (
     FUSED_MAX_DIM,
@@ -79,7 +81,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, scale):
-        o, ht, saved, _ = chunk_fwd(q, k, v, beta, G, h0, scale, True)
+        o, ht, saved = chunk_fwd(q, k, v, beta, G, h0, scale, True)
         return (o, ht) + saved
 
     @staticmethod
@@ -89,23 +91,23 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, beta, G, h0, *output[2:])
-        ctx.save_for_forward(q, k, v, beta, G, h0)
+        ctx.save_for_forward(q, k, v, beta, G, h0, *output[2:])
 
     @staticmethod
     def backward(ctx, do, dht, *_):
         q, k, v, beta, G, h0, *saved = ctx.saved_tensors
         if do is None:
             do = torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-        grads = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)
+        grads = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)[:6]
         return tuple(grads) + (None,)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
-        primals = ctx.saved_tensors
+        *primals, Ti, W, Hs, U = ctx.saved_tensors
         if _dual_ok(primals[0], primals[4]):
             q, k, v, beta, _, h0 = primals
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
-            do, dht = DualForward.apply(q, k, v, beta, h0, ctx.scale, *tangents)
+            do, dht = DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
             return do, dht, None, None, None, None
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
@@ -113,49 +115,53 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
 
 class ChunkDeltaProductBackward(torch.autograd.Function):
-    """``(q, k, v, beta, G, h0, do, dht, scale, *saved) → (dq, dk, dv, dbeta, dG, dh0)`` by the
-    fused backward kernels; its backward and ``jvp`` (second order) by :func:`_second_order`."""
+    """``(q, k, v, beta, G, h0, do, dht, scale, Ti, W, Hs, U) → (dq, dk, dv, dbeta, dG, dh0, dU, dHs, dW)``
+    by the fused backward kernels (the last three: non-differentiable intermediates that the tangent
+    kernels read); its backward and ``jvp`` (second order) by :func:`_second_order`."""
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, do, dht, scale, *saved):
-        return chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht)[0]
+        grads, mids = chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht)
+        return grads + mids
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, beta, G, h0, do, dht, scale = inputs[:9]
-        ctx.scale = scale
-        ctx.n_saved = len(inputs) - 9
-        ctx.save_for_backward(q, k, v, beta, G, h0, do, dht)
-        ctx.save_for_forward(*inputs[:8], *inputs[9:])
+        ctx.scale = inputs[8]
+        ctx.mark_non_differentiable(*output[6:])
+        ctx.save_for_backward(*inputs[:8], *inputs[9:], *output[6:])
+        ctx.save_for_forward(*inputs[:8], *inputs[9:], *output[6:])
 
     @staticmethod
     def backward(ctx, *cot):
-        q, k, v, beta, G, h0, do, dht = ctx.saved_tensors
-        gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), do, dht, cot)
-        return gx + (ddo, ddht, None) + (None,) * ctx.n_saved
+        q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
+        gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, cot[:6])
+        return gx + (ddo, ddht, None) + (None,) * 4
 
     @staticmethod
     def jvp(ctx, *tangents):
         """``d(Jᵀ c) = ∇²⟨f, c⟩ ẋ + Jᵀ ċ`` for ``c = (do, dht)``."""
-        q, k, v, beta, G, h0, do, dht, *saved = ctx.saved_tensors
-        gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), do, dht, tangents[:6])[0]
+        q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
+        gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6])[0]
         tdo, tdht = tangents[6:8]
-        if tdo is None and tdht is None:
-            return gx
-        tdo = torch.zeros_like(do) if tdo is None else tdo
-        lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *saved)
-        return tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
+        if tdo is not None or tdht is not None:
+            tdo = torch.zeros_like(do) if tdo is None else tdo
+            lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *rest[:4])[:6]
+            gx = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
+        return tuple(gx) + (None,) * 3
 
 
-def _second_order(scale: float, primals: tuple[Tensor | None, ...], do: Tensor, dht: Tensor | None,
-                  dirs: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
+def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[Tensor], do: Tensor,
+                  dht: Tensor | None, dirs: tuple[Tensor | None, ...],
+                  ) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
     """For ``f = (o, h_T)`` at ``primals = (q, k, v, beta, G, h0)`` and ``c = (do, dht)``:
-    ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the dual kernels when
-    :func:`_dual_ok`, else by differentiating the composed form (``TUNING.hvp_mode``)."""
+    ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the tangent kernels when
+    :func:`_dual_ok` (at ``kept``: the forward's ``saved`` and the backward's intermediates), else by
+    differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
     if _dual_ok(q, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
-        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *tangents)
+        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *kept,
+                                                                  *tangents)
         return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
@@ -192,23 +198,26 @@ class _NoThirdOrder(torch.autograd.Function):
 
 
 class DualForward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, scale, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T)``: the tangent of the operator
-    (``J ẋ``) by the forward kernels in dual numbers (no gate; ``ḣ0`` None iff ``h0`` is)."""
+    """``(q, k, v, beta, h0, scale, Ti, W, Hs, U, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T)``: the tangent of the
+    operator (``J ẋ``) by the tangent kernels at the forward's ``saved = (Ti, W, Hs, U)`` (no gate;
+    ``ḣ0`` None iff ``h0`` is)."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, scale, *tangents):
-        return chunk_fwd(q, k, v, beta, None, h0, scale, True, tangents)[3][:2]
+    def forward(q, k, v, beta, h0, scale, Ti, W, Hs, U, *tangents):
+        return chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True)[:2]
 
 
 class DualBackward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, do, dht, scale, q̇, k̇, v̇, β̇, ḣ0) → (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``:
-    the dual forward then the dual backward at the cotangents ``(do, dht)``, whose dual parts are the
+    """``(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, q̇, k̇, v̇, β̇, ḣ0) → (H ẋ for q, k,
+    v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's ``saved`` and the
+    backward's intermediates for the cotangents ``(do, dht)``; the tangents of the gradients are the
     Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ`` (``ḣ_T`` None when ``dht`` is)."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, do, dht, scale, *tangents):
-        _, _, saved, (to, tht, tsaved) = chunk_fwd(q, k, v, beta, None, h0, scale, dht is not None, tangents)
-        hvp = chunk_bwd(q, k, v, beta, None, h0, scale, saved, do, dht, (tangents, tsaved))[1]
+    def forward(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, *tangents):
+        saved = (Ti, W, Hs, U)
+        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents, dht is not None)
+        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved)
         return hvp + (to, tht)
 
 

@@ -33,11 +33,9 @@ from kernels.delta_product.utils import TUNING, alloc, launch
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def dv_local_kernel(q, k, G, dO, dUl, tq, tk, tdUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
+def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
                     NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                    BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                    DUAL: tl.constexpr):
-    """``DUAL``: also ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``."""
+                    BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -53,25 +51,16 @@ def dv_local_kernel(q, k, G, dO, dUl, tq, tk, tdUl, scale, T, N, H, K: tl.conste
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
     b_s = tl.where(m_s, b_s, 0.0)
-    if DUAL:
-        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-        b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_ts = tl.where(m_s, mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), 0.0)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, o_v < V)
         store_rows(dUl + i_bh * N * V, mm(tl.trans(b_s), b_do, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
-        if DUAL:
-            store_rows(tdUl + i_bh * N * V, mm(tl.trans(b_ts), b_do, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
 
 
 @triton.jit
-def _dh_step(q, k, G, W, dO, dUl, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_dh, b_tdh, scale, i_c, i_b, i_h, i_bh,
-             T, N, NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
-             CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
-             PREC: tl.constexpr, DUAL: tl.constexpr):
-    """One chunk backwards: ``dS_{c+1} ↦ dS_c`` and, with ``DUAL``, ``dU̇ = dU̇_loc + K̇ dS_{c+1} + K dṠ_{c+1}``,
-    ``dṠ_c = dṠ_{c+1} + Q̇ᵀ dO − Ẇᵀ dU − Wᵀ dU̇`` (``dO`` has no tangent)."""
+def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+             BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     _, t_t, m_t = tokens(i_c, T, CT, BQ)
@@ -87,26 +76,16 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_dh, b_
     store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
     b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    if DUAL:
-        store_rows(tdHs + (i_bh * NC + i_c) * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
-        b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_tdu = (load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC)
-                 + mm(b_k, b_tdh, DOT, PREC))
-        store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
-        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-        b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-        b_tdh += (mm(tl.trans(b_tq), b_do, DOT, PREC) - mm(tl.trans(b_tw), b_du, DOT, PREC)
-                  - mm(tl.trans(b_w), b_tdu, DOT, PREC))
     if USE_G:
         b_dh = b_dh * tl.exp(g_l)
-    return b_dh + mm(tl.trans(b_q), b_do, DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC), b_tdh
+    return b_dh + mm(tl.trans(b_q), b_do, DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0"])
-def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, tq, tk, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC,
-                   H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                   BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
-                   STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr, DUAL: tl.constexpr):
+def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K: tl.constexpr,
+                   V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
+                   STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -114,37 +93,28 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, tq, tk, tW, tdUl, tdH
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if DUAL:
-        b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
-    else:  # nothing to carry through the loop
-        b_tdh = 0.0
     if USE_DHT > 0:
         b_dh += load_rows(dHT + i_bh * K * V, o_k, m_k, V, o_v, m_v)
     if INTERPRET:
         it = 0
         while it < NC:
-            b_dh, b_tdh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_dh, b_tdh, scale,
-                                   NC - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
-                                   BQ, USE_G, DOT, PREC, DUAL)
+            b_dh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, NC - 1 - it, i_b, i_h, i_bh, T, N, NC,
+                            o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT, PREC)
             it += 1
     else:
         for it in range(NC):
-            b_dh, b_tdh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_dh, b_tdh, scale,
-                                   NC - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
-                                   BQ, USE_G, DOT, PREC, DUAL)
+            b_dh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, NC - 1 - it, i_b, i_h, i_bh, T, N, NC,
+                            o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT, PREC)
     if STORE_DH0 > 0:
         store_rows(dH0 + i_bh * K * V, b_dh, o_k, m_k, V, o_v, m_v)
-        if DUAL:
-            store_rows(tdH0 + i_bh * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
-def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, tq, tk, tHs, tdHs, tU, tdU, tdq, tdk, tdW, scale,
-                T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-                BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                DOT: tl.constexpr, PREC: tl.constexpr, DUAL: tl.constexpr):
-    """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks.
-    ``DUAL``: also the tangents of ``dQ, dK, dW`` (product rule on every term, ``dO`` fixed)."""
+def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
+                K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
+                DOT: tl.constexpr, PREC: tl.constexpr):
+    """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -156,11 +126,6 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, tq, tk, tHs, tdHs, 
     b_dw = tl.zeros([BT, BKB], dtype=tl.float32)
     b_dkt = tl.zeros([BT, BKB], dtype=tl.float32)
     b_hdh = tl.zeros([BKB], dtype=tl.float32)
-    if DUAL:
-        b_tdqa = tl.zeros([BQ, BKB], dtype=tl.float32)
-        b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
-        b_tdw = tl.zeros([BT, BKB], dtype=tl.float32)
-        b_tdkt = tl.zeros([BT, BKB], dtype=tl.float32)
     h_ptr = (i_bh * NC + i_c) * K * V
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
@@ -176,15 +141,6 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, tq, tk, tHs, tdHs, 
         b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
         if USE_G:
             b_hdh += tl.sum(b_h * b_dh, 1)
-        if DUAL:
-            b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
-            b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            b_tdu = load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
-            b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
-            b_tdw -= mm(b_tdu, tl.trans(b_h), DOT, PREC) + mm(b_du, tl.trans(b_th), DOT, PREC)
-            b_tdkt += (mm(b_tu, tl.trans(b_dh), DOT, PREC)
-                       + mm(b_u, tl.trans(load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)), DOT, PREC))
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -213,27 +169,16 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, tq, tk, tHs, tdHs, 
         b_dpm = tl.where(m_s, b_dp, 0.0)
         b_dq = b_dqa + mm(b_dpm, b_k, DOT, PREC)
         b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC) + b_dkt
-        if DUAL:
-            b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-            b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-            b_tdpm = tl.where(m_s, b_tdp, 0.0)
-            b_tdq = b_tdqa + mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
-            b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC) + b_tdkt
-            store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
-            store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
-            store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     store_rows(dq + i_h * K, b_dq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
     store_rows(dk + i_bh * N * K, b_dk, n_i, m_i, K, o_k, m_k)
     store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, tbeta, tTi, tdW, tdU, tdk_in, tdk,
-                  tdv, tdbeta, T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-                  BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                  DOT: tl.constexpr, PREC: tl.constexpr, DUAL: tl.constexpr):
-    """``DUAL``: also the tangents of ``dK, dV, dβ`` (no gate), with ``Ṫ`` from the dual prep; there
-    ``Σ_j dA_ij (KKᵀ)_ij = Σ_d K_id (dA K)_id`` replaces ``K Kᵀ`` (two 64×64 tiles fewer)."""
+def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, K: tl.constexpr,
+                  V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                  BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+                  PREC: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -249,11 +194,6 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    if DUAL:
-        b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-        b_tdb = tl.zeros([BT], dtype=tl.float32)
-        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
-        b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -261,20 +201,12 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_xk = b_k * b_x[:, None]
         b_dT += mm(b_dw, tl.trans(b_xk), DOT, PREC)
         b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        if not DUAL:
-            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+        b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
         if USE_G:
             b_db += tl.sum(b_dx * b_k, 1) * b_ex
             b_dg += tl.sum(b_dx * b_xk, 1)
         else:
             b_db += tl.sum(b_dx * b_k, 1)
-        if DUAL:
-            b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-            b_tdw = load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-            b_txk = b_tk * b_x[:, None] + b_k * b_tbeta[:, None]
-            b_tdT += mm(b_tdw, tl.trans(b_xk), DOT, PREC) + mm(b_dw, tl.trans(b_txk), DOT, PREC)
-            b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
-            b_tdb += tl.sum(b_tdx * b_k + b_dx * b_tk, 1)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -283,15 +215,6 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
         b_dy = mm(tl.trans(b_T), b_du, DOT, PREC)
         b_db += tl.sum(b_dy * b_v, 1)
         store_rows(dv + i_h * V, b_dy * b_beta[:, None], rows, m_i, H * V, o_v, o_v < V)
-        if DUAL:
-            b_tv = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-            b_tdu = load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
-            b_tyv = b_tv * b_beta[:, None] + b_v * b_tbeta[:, None]
-            b_tdT += mm(b_tdu, tl.trans(b_v * b_beta[:, None]), DOT, PREC) + mm(b_du, tl.trans(b_tyv), DOT, PREC)
-            b_tdy = mm(tl.trans(b_tT), b_du, DOT, PREC) + mm(tl.trans(b_T), b_tdu, DOT, PREC)
-            b_tdb += tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
-            store_rows(tdv + i_h * V, b_tdy * b_beta[:, None] + b_dy * b_tbeta[:, None], rows, m_i, H * V, o_v,
-                       o_v < V)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
     b_dA = -mm(tl.trans(b_T), mm(b_dT, tl.trans(b_T), DOT, PREC), DOT, PREC)
@@ -299,75 +222,43 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, tk, tv, t
     if USE_G:
         b_e = masked_exp(g_i[:, None] - g_i[None, :], m_A)
         b_dA = b_dA * b_e
-    if not DUAL:
-        b_db += tl.sum(b_dA * b_kk, 1)
+    b_db += tl.sum(b_dA * b_kk, 1)
     b_dc = b_dA * b_beta[:, None]
-    if DUAL:  # d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ)), strictly lower
-        b_tdT = tl.where(m_A, b_tdT, 0.0)
-        b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)
-        b_tdA = (-mm(tl.trans(b_tT), mm(b_dT, tl.trans(b_T), DOT, PREC), DOT, PREC)
-                 - mm(tl.trans(b_T), b_inner, DOT, PREC))
-        b_tdA = tl.where(m_A, b_tdA, 0.0)
-        b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
     if USE_G:
         b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_dc * b_kk)  # same token: E = 1
         b_dg += tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
         own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
         tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
-    if not DUAL:
-        tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        if not DUAL:
-            b_dkk += mm(tl.trans(b_T), b_dw, DOT, PREC) * b_x[:, None]
-            b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
-        else:  # dc K = diag(β) dA K
-            b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-            b_dak = mm(b_dA, b_k, DOT, PREC)
-            b_dkk += b_dx * b_x[:, None] + b_dak * b_beta[:, None] + mm(tl.trans(b_dc), b_k, DOT, PREC)
-            b_db += tl.sum(b_k * b_dak, 1)
+        b_dkk += mm(tl.trans(b_T), b_dw, DOT, PREC) * b_x[:, None]
+        b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
-        if DUAL:
-            b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-            b_tdw = load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-            b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-            b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
-            b_tdak = mm(b_tdA, b_k, DOT, PREC)
-            b_datk = mm(b_dA, b_tk, DOT, PREC)
-            b_tdkk += b_tdx * b_x[:, None] + b_dx * b_tbeta[:, None]
-            b_tdkk += (b_tdak + b_datk) * b_beta[:, None] + b_dak * b_tbeta[:, None]
-            b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
-            b_tdb += tl.sum(b_k * (b_tdak + b_datk) + b_tk * b_dak, 1)
-            store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
-    if DUAL:
-        tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
-        tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
 
 
-def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
-    """Run the four backward kernels, in dual numbers when ``dual`` is given.
+def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
+    """Run the four backward kernels.
 
     Args: the forward's inputs (``beta``, ``G`` float32), ``saved = (Ti, W, Hs, U)`` from
     :func:`~kernels.delta_product.chunk_fwd.chunk_fwd`, ``do [B, T, H, V]`` and ``dht [B, H, K, V]``
-    or None; ``dual = ((q̇, k̇, v̇, β̇, ḣ0), (Ṫ, Ẇ, Ḣs, U̇))``: tangents of the inputs and of ``saved``
-    (from ``chunk_fwd(..., tangents)``; no gate), with ``do`` and ``dht`` held fixed.
+    or None.
 
     Returns:
-        ``((dq, dk, dv, dbeta, dG, dh0), tangents)``: ``dq, dk, dv`` in the input dtype, ``dbeta, dG, dh0``
-        in float32 (``dG``/``dh0`` None without gate / initial state); ``tangents`` = those of
-        ``(dq, dk, dv, dbeta, dh0)`` with ``dual``, else None.
+        ``((dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW))``: ``dq, dk, dv`` in the input dtype, ``dbeta,
+        dG, dh0`` in float32 (``dG``/``dh0`` None without gate / initial state); ``dU``, ``dHs`` (the
+        cotangents of the chunk-final states) and ``dW``, the intermediates that
+        :func:`~kernels.delta_product.tangent_bwd.chunk_bwd_tangent` reads.
     """
     Ti, W, Hs, U = saved
-    on = dual is not None
-    c = launch_config(q, k, v, on)
+    c = launch_config(q, k, v)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
-    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"], DUAL=on)
+    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
     dev, f32 = q.device, torch.float32
-    (tq, tk, tv, tbeta, _), (tTi, tW, tHs, tU) = dual if on else ((q, k, v, beta, h0), saved)
     # dtype of dU_loc, dU, dW and the dk partial. With a gate they stay float32: dG adds terms of the
     # dqkw and wy_bwd kernels that cancel, and 16-bit intermediates left dG with O(1) relative error
     # at short T on an H100.
@@ -375,37 +266,31 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, dual=None):
     mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
     gp = G if use_g else beta
     do = do.contiguous()
-
-    def pair(*shape, dtype):  # a buffer and, when dual, its tangent (else the same buffer again)
-        x = alloc(*shape, device=dev, dtype=dtype)
-        return x, (alloc(*shape, device=dev, dtype=dtype) if on else x)
-
-    dUl, tdUl = pair(B, H, N, V, dtype=mid)
-    launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, tq, tk, tdUl, scale, T, N, BQ=c["BQ"], BK=c["BK"],
-           BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_dv, on), **common)
-    dHs, tdHs = pair(*Hs.shape, dtype=Hs.dtype)
-    dU, tdU = pair(B, H, N, V, dtype=mid)
-    dh0, tdh0 = pair(B, H, K, V, dtype=f32) if h0 is not None else (dUl, dUl)
+    dUl = alloc(B, H, N, V, device=dev, dtype=mid)
+    launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
+           USE_G=use_g, num_warps=TUNING.warps_dv, **common)
+    dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
+    dU = alloc(B, H, N, V, device=dev, dtype=mid)
+    dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
-           dht.contiguous() if dht is not None else dUl, dHs, dU, dh0, tq, tk, tW, tdUl, tdHs, tdU, tdh0, scale,
-           T, N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_DHT=int(dht is not None),
-           STORE_DH0=int(h0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps(TUNING.warps_scan, on), **common)
+           dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
+           BQ=c["BQ"], BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_DHT=int(dht is not None),
+           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
-    dq, tdq = pair(*q.shape, dtype=q.dtype)
-    dk_part, tdk_part = pair(B, H, N, K, dtype=mid)
-    dW, tdW = pair(B, H, N, K, dtype=mid)
+    dq = alloc(*q.shape, device=dev, dtype=q.dtype)
+    dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
+    dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           tq, tk, tHs, tdHs, tU, tdU, tdq, tdk_part, tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"],
-           USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_dqkw, on), **common)
-    dk, tdk = pair(*k.shape, dtype=k.dtype)
-    dv, tdv = pair(*v.shape, dtype=v.dtype)
-    dbeta, tdbeta = pair(B, T, c["NH"], H, dtype=f32)
+           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_dqkw,
+           **common)
+    dk = alloc(*k.shape, device=dev, dtype=k.dtype)
+    dv = alloc(*v.shape, device=dev, dtype=v.dtype)
+    dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
-           dG2 if use_g else dbeta, tk, tv, tbeta, tTi, tdW, tdU, tdk_part, tdk, tdv, tdbeta, T, N, BQ=c["BQ"],
-           BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_wy, on), **common)
+           dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
+           num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
-    grads = (dq, dk, dv, dbeta, dG, dh0 if h0 is not None else None)
-    return grads, ((tdq, tdk, tdv, tdbeta, tdh0 if h0 is not None else None) if on else None)
+    return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)

@@ -31,31 +31,21 @@ from kernels.delta_product.utils import BLOCK_STEPS, TUNING, alloc, chunk_tokens
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def prep_kernel(k, v, beta, G, Ti, W, U0, tk, tv, tbeta, tTi, tW, tU0, T, N, H, K: tl.constexpr,
-                V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
-                BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                PREC_T: tl.constexpr, INV_TILES: tl.constexpr, DUAL: tl.constexpr):
-    """``DUAL``: also the tangents ``Ṫ = −T Ȧ T``, ``Ẇ = Ṫ X + T Ẋ``, ``U̇₀ = Ṫ Y + T Ẏ`` from
-    ``k̇, v̇, β̇`` (no gate)."""
-    tl.static_assert(not (DUAL and USE_G), "the dual kernels take no gate")
+def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.constexpr,
+                NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
+                USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr,
+                INV_TILES: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    if DUAL:
-        b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # k̇ kᵀ
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-        if DUAL:
-            b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
-    if DUAL:
-        b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
-        b_tA = tl.where(m_A, b_kk * b_tbeta[:, None] + (b_tkk + tl.trans(b_tkk)) * b_beta[:, None], 0.0)
     b_A = b_kk * b_beta[:, None]
     b_x = b_beta
     if USE_G:
@@ -72,33 +62,20 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, tk, tv, tbeta, tTi, tW, tU0, T, N, H, 
     else:
         b_T = unit_lower_inverse(b_A, o_i, BT, 16, PREC_T)
         store_rows(Ti + i_bh * N * BT, b_T, n_i, m_i, BT, o_i, o_i < BT)
-    if DUAL:
-        b_tT = -tl.dot(b_T, tl.dot(b_tA, b_T, input_precision=PREC_T), input_precision=PREC_T)
-        store_rows(tTi + i_bh * N * BT, b_tT, n_i, m_i, BT, o_i, o_i < BT)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         store_rows(W + i_bh * N * K, mm(b_T, b_k * b_x[:, None], DOT, PREC), n_i, m_i, K, o_k, o_k < K)
-        if DUAL:
-            b_tx = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K) * b_beta[:, None] + b_k * b_tbeta[:, None]
-            b_tw = mm(b_tT, b_k * b_x[:, None], DOT, PREC) + mm(b_T, b_tx, DOT, PREC)
-            store_rows(tW + i_bh * N * K, b_tw, n_i, m_i, K, o_k, o_k < K)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
         store_rows(U0 + i_bh * N * V, mm(b_T, b_v * b_beta[:, None], DOT, PREC), n_i, m_i, V, o_v, o_v < V)
-        if DUAL:
-            b_ty = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V) * b_beta[:, None] + b_v * b_tbeta[:, None]
-            b_tu = mm(b_tT, b_v * b_beta[:, None], DOT, PREC) + mm(b_T, b_ty, DOT, PREC)
-            store_rows(tU0 + i_bh * N * V, b_tu, n_i, m_i, V, o_v, o_v < V)
 
 
 @triton.jit
-def _h_step(k, G, W, U0, Hs, U, tk, tW, tU0, tHs, tU, b_h, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v,
-            m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-            USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DUAL: tl.constexpr):
-    """One chunk: ``(S_c, Ṡ_c) ↦ (S_{c+1}, Ṡ_{c+1})``, with ``U_c = U₀ − W S_c``,
-    ``U̇_c = U̇₀ − Ẇ S_c − W Ṡ_c`` and ``Ṡ_{c+1} = Ṡ_c + K̇ᵀ U_c + Kᵀ U̇_c`` (``DUAL``)."""
+def _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+            H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+            BT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
@@ -110,22 +87,14 @@ def _h_step(k, G, W, U0, Hs, U, tk, tW, tU0, tHs, tU, b_h, b_th, i_c, i_b, i_h, 
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
         b_k = b_k * tl.exp(g_l - g_i)[:, None]
         b_h = b_h * tl.exp(g_l)
-    if DUAL:
-        store_rows(tHs + (i_bh * NC + i_c) * K * V, b_th, o_k, m_k, V, o_v, m_v)
-        b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-        b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v) - mm(b_tw, b_h, DOT, PREC)
-                - mm(b_w, b_th, DOT, PREC))
-        store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
-        b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_th += mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
-    return b_h + mm(tl.trans(b_k), b_u, DOT, PREC), b_th
+    return b_h + mm(tl.trans(b_k), b_u, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
-def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, tk, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, K: tl.constexpr,
-                  V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
-                  PREC: tl.constexpr, INTERPRET: tl.constexpr, DUAL: tl.constexpr):
+def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
+                  NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
+                  PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -133,35 +102,26 @@ def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, tk, tW, tU0, tH0, tHs, tU, tHT, T,
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if DUAL:
-        b_th = tl.zeros([BK, BV], dtype=tl.float32)
-    else:  # nothing to carry through the loop
-        b_th = 0.0
     if USE_H0 > 0:
         b_h += load_rows(H0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
-        if DUAL:
-            b_th += load_rows(tH0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = 0
         while i_c < NC:
-            b_h, b_th = _h_step(k, G, W, U0, Hs, U, tk, tW, tU0, tHs, tU, b_h, b_th, i_c, i_b, i_h, i_bh, T, N,
-                                NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC, DUAL)
+            b_h = _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+                          H, K, V, NH, CT, BT, USE_G, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
-            b_h, b_th = _h_step(k, G, W, U0, Hs, U, tk, tW, tU0, tHs, tU, b_h, b_th, i_c, i_b, i_h, i_bh, T, N,
-                                NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC, DUAL)
+            b_h = _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+                          H, K, V, NH, CT, BT, USE_G, DOT, PREC)
     if STORE_HT > 0:
         store_rows(HT + i_bh * K * V, b_h, o_k, m_k, V, o_v, m_v)
-        if DUAL:
-            store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H"])
-def out_kernel(q, k, G, Hs, U, O, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
+def out_kernel(q, k, G, Hs, U, O, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
                NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DUAL: tl.constexpr):
-    """``DUAL``: also ``Ȯ = scale·(Q̇ S_c + Q Ṡ_c + (Ṗ ⊙ M) U_c + (P ⊙ M) U̇_c)``, ``Ṗ = Q̇ Kᵀ + Q K̇ᵀ``."""
+               BV: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -185,76 +145,59 @@ def out_kernel(q, k, G, Hs, U, O, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: tl
     b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     b_o += mm(b_s, b_u, DOT, PREC)
     store_rows(O + i_h * V, b_o, i_b * T + t_t, m_t, H * V, o_v, m_v)
-    if DUAL:
-        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-        b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_ts = tl.where(m_s, mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), 0.0)
-        b_to = mm(b_tq, b_h, DOT, PREC) + mm(b_ts, b_u, DOT, PREC)
-        b_to += mm(b_q, load_rows(tHs + (i_bh * NC + i_c) * K * V, o_k, m_k, V, o_v, m_v), DOT, PREC)
-        b_to += mm(b_s, load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
-        store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
 def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
-    """Sizes and constexprs shared by the forward and backward launches (``dual``: in dual numbers)."""
+    """Sizes and constexprs shared by the forward and backward launches (``dual``: of the tangent kernels)."""
     B, T, H, K = q.shape
     n_h, V = k.shape[2], v.shape[-1]
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKB=min(bk, TUNING.tile(q.dtype, dual)),
-                BVB=min(bv, TUNING.tile(q.dtype, dual)), BVS=min(bv, TUNING.scan_cols(dual)), DOT=dot, PREC=prec,
+                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)),
+                BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)), DOT=dot, PREC=prec,
                 INTERPRET=interpreting())
 
 
-def twin(x: Tensor | None) -> Tensor | None:
-    """An unwritten buffer like ``x`` (for a tangent), or None."""
-    return None if x is None else alloc(*x.shape, device=x.device, dtype=x.dtype)
+def tangent_launch(c: dict, kernel: str, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
+    :func:`launch_config` (:meth:`~kernels.delta_product.utils.Tuning.tangent_launch`)."""
+    warps, tile = TUNING.tangent_launch(kernel, dtype)
+    return warps, min(c["BK"], tile), min(c["BVP"], tile)
 
 
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,
-              scale: float, output_final_state: bool, tangents: tuple[Tensor | None, ...] | None = None,
-              ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...], tuple | None]:
-    """Run the three forward kernels, in dual numbers when ``tangents`` are given.
+              scale: float, output_final_state: bool) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """Run the three forward kernels.
 
     Args:
         q ``[B, T, H, K]``, k ``[B, T, n_h, H, K]``, v ``[B, T, n_h, H, V]`` (contiguous, one dtype);
         beta ``[B, T, n_h, H]`` float32; G chunk-local cumulative log gate ``[B, T, H]`` float32 or None;
-        h0 ``[B, H, K, V]`` float32 or None; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)`` like the primals (``ḣ0``
-        None iff ``h0`` is), no gate.
+        h0 ``[B, H, K, V]`` float32 or None.
 
     Returns:
-        ``(o, final_state or None, saved, dual)``, ``saved = (Ti, W, Hs, U)`` for the backward;
-        ``dual = (ȯ, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))`` with ``tangents``, else None.
+        ``(o, final_state or None, saved)``, ``saved = (Ti, W, Hs, U)`` for the backward.
     """
-    dual = tangents is not None
-    c = launch_config(q, k, v, dual)
+    c = launch_config(q, k, v)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
-    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"], DUAL=dual)
+    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
     dev, st = q.device, q.dtype
     use_g = G is not None
     gp = G if use_g else beta
     Ti = alloc(B, H, N, BT, device=dev, dtype=torch.float32)
     W = alloc(B, H, N, K, device=dev, dtype=st)
     U0 = alloc(B, H, N, V, device=dev, dtype=st)
-    tq, tk, tv, tbeta, th0 = tangents if dual else (q, k, v, beta, h0)  # primals stand in when not dual
-    tTi, tW, tU0 = (twin(Ti), twin(W), twin(U0)) if dual else (Ti, W, U0)
-    launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, tk, tv, tbeta, tTi, tW, tU0, T, N,
-           BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse,
-           INV_TILES=TUNING.inverse == "tiles", num_warps=TUNING.warps(TUNING.prep_warps(q.dtype), dual), **common)
+    launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, T, N, BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
+           PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, INV_TILES=TUNING.inverse == "tiles",
+           num_warps=TUNING.prep_warps(q.dtype), **common)
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    tHs, tU, tht = (twin(Hs), twin(U), twin(ht)) if dual else (Hs, U, ht)
     launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, gp, W, U0, h0 if h0 is not None else W, Hs, U,
-           ht if ht is not None else W, tk, tW, tU0, th0 if th0 is not None else W, tHs, tU,
-           tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"], USE_G=use_g,
-           USE_H0=int(h0 is not None), STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"],
-           num_warps=TUNING.warps(TUNING.warps_scan, dual), **common)
+           ht if ht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_H0=int(h0 is not None),
+           STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
-    to = twin(o) if dual else o
-    launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, tq, tk, tHs, tU, to, scale, T,
-           N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps(TUNING.warps_out, dual),
-           **common)
-    return o, ht, (Ti, W, Hs, U), ((to, tht, (tTi, tW, tHs, tU)) if dual else None)
+    launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
+           BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
+    return o, ht, (Ti, W, Hs, U)

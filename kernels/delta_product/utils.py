@@ -25,6 +25,12 @@ FUSED_MAX_NH = 16
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
+#: ``(num_warps, tile as a share of Tuning.tile)`` of each tangent kernel (``tangent_fwd``,
+#: ``tangent_bwd``), the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
+#: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
+TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5)}
+
+
 @dataclass
 class Tuning:
     """Launch choices of the fused kernels. The defaults are the configuration measured on an H100;
@@ -45,12 +51,12 @@ class Tuning:
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
             forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels
             (``warps_prep = 0`` chooses by dtype: :meth:`prep_warps`).
-        warps_dual: ``num_warps`` of every kernel run in dual numbers (``hvp_mode = "dual"``), which
-            holds twice the tiles of its primal (0: the primal's; 4 or 8: 16 warps and float32 inputs
-            hit an illegal memory access on an H100 with Triton 3.6).
-        block_dual: columns per tile of the parallel kernels in dual numbers (0: half of :meth:`tile`).
-        bv_dual: value columns per program of the chunk scans in dual numbers (0: ``bv_scan``; 16 was
-            slower for bf16 and hit an illegal memory access for float32 on an H100, so it is refused).
+        warps_dual: ``num_warps`` of every tangent kernel (``hvp_mode = "dual"``; 0: per kernel,
+            :data:`TANGENT_LAUNCH`; 16 is refused: float32 hit an illegal memory access with it on an
+            H100, Triton 3.6).
+        block_dual: columns per tile of the parallel tangent kernels (0: per kernel, :data:`TANGENT_LAUNCH`).
+        bv_dual: value columns per program of the tangent chunk scans (0: ``bv_scan``; 16 is refused:
+            slower for bf16, illegal memory access for float32 on an H100).
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
@@ -82,9 +88,9 @@ class Tuning:
     warps_dv: int = 4
     warps_dqkw: int = 4
     warps_wy: int = 4
-    warps_dual: int = 8
+    warps_dual: int = 0
     block_dual: int = 0
-    bv_dual: int = 0
+    bv_dual: int = 64
     bv_scan: int = 32
     block: int = 0
     bk_dqkw: int = 64
@@ -94,12 +100,9 @@ class Tuning:
     composed_inverse: str = "kernel"
     hvp_mode: str = "auto"
 
-    def tile(self, dtype: torch.dtype, dual: bool = False) -> int:
+    def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
-        64 for float32 (whose 128-wide tiles spill registers: 2× slower on an H100); in dual numbers
-        ``block_dual``, or when 0, half of that."""
-        if dual:
-            return self.block_dual or self.tile(dtype) // 2
+        64 for float32 (whose 128-wide tiles spill registers: 2× slower on an H100)."""
         if self.block:
             return self.block
         return 128 if dtype.itemsize == 2 else 64
@@ -109,9 +112,11 @@ class Tuning:
         or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
 
-    def warps(self, primal: int, dual: bool) -> int:
-        """``num_warps`` of a launch whose primal kernel runs at ``primal`` warps."""
-        return (self.warps_dual or primal) if dual else primal
+    def tangent_launch(self, kernel: str, dtype: torch.dtype) -> tuple[int, int]:
+        """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
+        ``warps_dual`` and ``block_dual`` where set, else the table's."""
+        warps, share = TANGENT_LAUNCH[kernel]
+        return self.warps_dual or warps, self.block_dual or int(self.tile(dtype) * share)
 
     def prep_warps(self, dtype: torch.dtype) -> int:
         """``num_warps`` of the forward prep kernel: ``warps_prep``, or when 0, 2 for 16-bit inputs

@@ -1,0 +1,177 @@
+"""Tangent of the chunked DeltaProduct forward (forward mode, no gate): three Triton kernels that read
+the primal forward's ``saved = (Ti, W, Hs, U)`` instead of recomputing it.
+
+For tangents ``(q̇, k̇, v̇, β̇, ḣ0)`` of the inputs, with ``X = diag(β) K``, ``Y = diag(β) V``:
+
+1. :func:`prep_tangent_kernel` (parallel over chunks):
+   ``Ȧ = tril(diag(β̇) K Kᵀ + diag(β)(K̇ Kᵀ + K K̇ᵀ), −1)``, ``Ṫ = −T Ȧ T`` (``T = (I + A)⁻¹`` loaded),
+   ``Ẇ = Ṫ X + T Ẋ``, ``U̇₀ = Ṫ Y + T Ẏ``.
+2. :func:`scan_h_tangent_kernel` (sequential over chunks): ``U̇_c = U̇₀ − Ẇ S_c − W Ṡ_c``,
+   ``Ṡ_{c+1} = Ṡ_c + K̇ᵀ U_c + Kᵀ U̇_c`` with ``S_c`` and ``U_c`` loaded: one state in registers.
+3. :func:`out_tangent_kernel` (parallel): ``Ȯ = scale·(Q̇ S_c + Q Ṡ_c + (Ṗ ⊙ M) U_c + (P ⊙ M) U̇_c)``,
+   ``P = Q Kᵀ``, ``Ṗ = Q̇ Kᵀ + Q K̇ᵀ``.
+
+The primal is not recomputed: a Jacobian-vector product costs these three kernels on top of the
+forward whose ``saved`` they read, and :func:`~kernels.delta_product.chunk_bwd.chunk_bwd` in dual
+numbers takes their ``(Ṫ, Ẇ, Ḣs, U̇)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.delta_product.chunk_fwd import launch_config, tangent_launch
+from kernels.delta_product.common import causal_mask, load_rows, mm, steps, store_rows, tokens
+from kernels.delta_product.utils import TUNING, alloc, launch
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl.constexpr, V: tl.constexpr,
+                        NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
+                        BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    rows = i_b * N + n_i
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
+    b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # K̇ Kᵀ
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+        b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
+    m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
+    b_tA = tl.where(m_A, b_kk * b_tbeta[:, None] + (b_tkk + tl.trans(b_tkk)) * b_beta[:, None], 0.0)
+    b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+    b_tT = -tl.dot(b_T, tl.dot(b_tA, b_T, input_precision=PREC_T), input_precision=PREC_T)
+    store_rows(tTi + i_bh * N * BT, b_tT, n_i, m_i, BT, o_i, o_i < BT)
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_tx = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K) * b_beta[:, None] + b_k * b_tbeta[:, None]
+        b_tw = mm(b_tT, b_k * b_beta[:, None], DOT, PREC) + mm(b_T, b_tx, DOT, PREC)
+        store_rows(tW + i_bh * N * K, b_tw, n_i, m_i, K, o_k, o_k < K)
+    for i_v in range(tl.cdiv(V, BVB)):
+        o_v = i_v * BVB + tl.arange(0, BVB)
+        b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
+        b_ty = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V) * b_beta[:, None] + b_v * b_tbeta[:, None]
+        b_tu = mm(b_tT, b_v * b_beta[:, None], DOT, PREC) + mm(b_T, b_ty, DOT, PREC)
+        store_rows(tU0 + i_bh * N * V, b_tu, n_i, m_i, V, o_v, o_v < V)
+
+
+@triton.jit
+def _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v, H,
+             K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+             DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``."""
+    h_ptr = (i_bh * NC + i_c) * K * V
+    store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
+    _, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
+    b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
+            - mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC))
+    store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
+    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+    return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
+
+
+@triton.jit(do_not_specialize=["N", "NC", "H", "USE_H0", "STORE_HT"])
+def scan_h_tangent_kernel(k, W, Hs, U, tk, tW, tU0, tH0, tHs, tU, tHT, N, NC, H, K: tl.constexpr,
+                          V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
+                          PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_th = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0 > 0:
+        b_th += load_rows(tH0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
+    if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
+        i_c = 0
+        while i_c < NC:
+            b_th = _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v,
+                            H, K, V, NH, CT, BT, DOT, PREC)
+            i_c += 1
+    else:
+        for i_c in range(NC):
+            b_th = _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v,
+                            H, K, V, NH, CT, BT, DOT, PREC)
+    if STORE_HT > 0:
+        store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
+
+
+@triton.jit(do_not_specialize=["T", "N", "NC", "H"])
+def out_tangent_kernel(q, k, Hs, U, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
+                       NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    h_ptr = (i_bh * NC + i_c) * K * V
+    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+    b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    b_s = tl.where(m_s, mm(b_q, tl.trans(b_k), DOT, PREC), 0.0)
+    b_ts = tl.where(m_s, mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), 0.0)
+    b_to = mm(b_tq, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
+    b_to += mm(b_q, load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
+    b_to += mm(b_ts, load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
+    b_to += mm(b_s, load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
+    store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
+
+
+def twin(x: Tensor | None) -> Tensor | None:
+    """An unwritten buffer like ``x`` (for a tangent), or None."""
+    return None if x is None else alloc(*x.shape, device=x.device, dtype=x.dtype)
+
+
+def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
+                      saved: tuple[Tensor, ...], tangents: tuple[Tensor | None, ...], output_final_state: bool,
+                      ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """The three tangent kernels at the primal forward's ``saved`` (no gate).
+
+    Args:
+        q, k, v, beta, h0, scale: the inputs of :func:`~kernels.delta_product.chunk_fwd.chunk_fwd` (no gate);
+        saved: its ``(Ti, W, Hs, U)``; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)`` like the primals (``ḣ0`` None iff
+        ``h0`` is); output_final_state: also return the final state's tangent.
+
+    Returns:
+        ``(ȯ, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))``, the last for the dual backward.
+    """
+    c = launch_config(q, k, v, True)
+    B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
+    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
+    Ti, W, Hs, U = saved
+    tq, tk, tv, tbeta, th0 = tangents
+    tTi, tW, tU0 = twin(Ti), twin(W), alloc(B, H, N, V, device=q.device, dtype=q.dtype)
+    warps, bkb, bvb = tangent_launch(c, "prep", q.dtype)
+    launch(prep_tangent_kernel, (NC, B * H), k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, BKB=bkb, BVB=bvb,
+           PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
+    tHs, tU = twin(Hs), twin(U)
+    tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, W, Hs, U, tk, tW, tU0,
+           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, N, NC, BK=c["BK"], BV=c["BVS"],
+           USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+           num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
+    to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
+    warps, _, bvb = tangent_launch(c, "out", q.dtype)
+    launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, Hs, U, tq, tk, tHs, tU, to, scale, T,
+           N, NC, BQ=c["BQ"], BK=c["BK"], BV=bvb, num_warps=warps, **common)
+    return to, tht, (tTi, tW, tHs, tU)

@@ -139,6 +139,40 @@ def hvp_fn(x: dict, do, vs=None, scale=1.0):
     return hv
 
 
+def hvp_jvp_fn(x: dict, do, vs, scale=1.0):
+    """The same Hessian-vector product as :func:`hvp_fn` by forward over reverse,
+    ``torch.func.jvp(torch.func.grad(⟨do, o(x)⟩), x, vs)`` (PyTorch's recommended form): a closure
+    returning the tangents of the gradients."""
+    ins = {n: t for n, t in x.items() if t is not None}
+    names, xs = list(ins), tuple(t.detach() for t in ins.values())
+
+    def loss(*args):
+        return (ours(dict(zip(names, args)), scale)[0] * do).sum()
+
+    grad = torch.func.grad(loss, argnums=tuple(range(len(xs))))
+    return lambda: torch.func.jvp(grad, xs, tuple(vs))[1]
+
+
+def kernel_profile(fn, reps: int = 5) -> dict[str, float]:
+    """Per-kernel CUDA time (ms) of one call of ``fn``, the mean over ``reps`` profiled calls after
+    three warm-up calls (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in p.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+            rows[e.key[:40]] = getattr(e, "self_device_time_total", 0) / reps / 1e3
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+
+
 def fla_fn(x: dict, n_h: int):
     """fla 0.6.0's ``chunk_gated_delta_product`` on our inputs (micro-steps interleaved to length
     ``n_h·T``, as in ``../shared/anchors/fla_deltaproduct_bench.py``): a closure returning ``o``, with

@@ -21,7 +21,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import env_info, fla_fn, hvp_fn, make_inputs, ours, precompile
+from kernels_common import env_info, fla_fn, hvp_fn, kernel_profile, make_inputs, ours, precompile
 
 from kernels.delta_product.utils import chunk_tokens
 
@@ -93,22 +93,8 @@ def time_fla(x, do, n_h):
 
 def profile(x, do):
     """Per-kernel CUDA time of one forward+backward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
     xs = [t for t in x.values() if t is not None]
-    for _ in range(3):
-        torch.autograd.grad(ours(x)[0], xs, do)
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
-            torch.autograd.grad(ours(x)[0], xs, do)
-        torch.cuda.synchronize()
-    rows = {}
-    for e in p.key_averages():
-        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
-            rows[e.key[:40]] = getattr(e, "self_device_time_total", 0) / 5 / 1e3
-    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+    return kernel_profile(lambda: torch.autograd.grad(ours(x)[0], xs, do))
 
 
 def main():

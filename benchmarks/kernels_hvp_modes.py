@@ -1,8 +1,9 @@
 """GPU: the double backward of the DeltaProduct kernels by mode, side by side in one process.
 
 A Hessian-vector product of ``⟨do, o(x)⟩`` (``o = chunk_delta_product(x)``, every input a leaf)
-in fixed random directions, computed by double backward with ``TUNING.hvp_mode`` =
-``"dual"`` (the fused kernels in dual numbers), ``"rev_rev"`` (``torch.func.vjp`` of the composed
+in fixed random directions, computed by double backward (and, timed beside it, by
+``torch.func.jvp(torch.func.grad(⟨do, o⟩))``, "jvp") with ``TUNING.hvp_mode`` =
+``"dual"`` (the tangent kernels), ``"rev_rev"`` (``torch.func.vjp`` of the composed
 form's ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``): ``fwd_rev`` (bf16
 with ``hvp_tf32``, the former default) and ``dual``, or with ``--all-modes`` also ``rev_rev`` and
 the composed modes with and without ``hvp_tf32``. At (4, 4096, 16, 128), no gate,
@@ -26,7 +27,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_check import second_order
-from kernels_common import env_info, hvp_fn, make_inputs, ours, rel
+from kernels_common import env_info, hvp_fn, hvp_jvp_fn, make_inputs, ours, rel
 
 from kernels.delta_product.utils import TUNING
 
@@ -46,6 +47,7 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
     fwdbwd = triton.testing.do_bench(lambda: torch.autograd.grad(ours(xs, D ** -0.5)[0], list(xs.values()), do),
                                      warmup=10, rep=100, return_mode="median")
     hvp = hvp_fn(xs, do, vs, D ** -0.5)
+    hvp_jvp = hvp_jvp_fn(xs, do, vs, D ** -0.5)
     rows, base = [], None
     for mode, tf32 in modes:
         TUNING.hvp_mode, TUNING.hvp_tf32 = mode, tf32
@@ -53,13 +55,17 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
         if base is None:  # the first mode is the baseline
             base = result
         ms = triton.testing.do_bench(hvp, warmup=2, rep=300, return_mode="median")
+        jvp_result = hvp_jvp()
+        jvp_ms = triton.testing.do_bench(hvp_jvp, warmup=2, rep=300, return_mode="median")
         err = {}
         for gate in (False, True):
             small = make_inputs(1, 1024, 2, D, D, n_h, dtype=dtype, gate=gate, h0=True, correlated=n_h > 1,
                                 seed=10 + n_h)
             err.update({f"{k}{'_gate' if gate else ''}": e for k, e in second_order(small, D ** -0.5).items()})
         rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], mode=mode, hvp_tf32=tf32, hvp_ms=ms, fwdbwd_ms=fwdbwd,
-                         ratio=ms / fwdbwd, diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
+                         ratio=ms / fwdbwd, hvp_jvp_ms=jvp_ms, ratio_jvp=jvp_ms / fwdbwd,
+                         jvp_diff=max(rel(a, b) for a, b in zip(jvp_result, result)),
+                         diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
                          max_err_vs_float64=max(err.values()), err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -84,11 +90,12 @@ def main() -> None:
     with open(os.path.join(args.out, "kernels_hvp_modes.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
-    print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'HVP ms':>7} {'fwd+bwd':>7} {'ratio':>6} | "
-          f"{'diff vs first':>13} {'err vs f64':>10}")
+    print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'fwd+bwd':>7} {'HVP ms':>7} {'ratio':>6} "
+          f"{'jvp ms':>7} {'ratio':>6} | {'jvp diff':>8} {'diff vs first':>13} {'err vs f64':>10}")
     for r in rows:
-        print(f"{r['dtype']:>8} {r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['hvp_ms']:7.2f} "
-              f"{r['fwdbwd_ms']:7.2f} {r['ratio']:5.1f}x | {r['diff_from_first']:13.2e} {r['max_err_vs_float64']:10.2e}")
+        print(f"{r['dtype']:>8} {r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['fwdbwd_ms']:7.2f} "
+              f"{r['hvp_ms']:7.2f} {r['ratio']:5.2f}x {r['hvp_jvp_ms']:7.2f} {r['ratio_jvp']:5.2f}x | "
+              f"{r['jvp_diff']:8.1e} {r['diff_from_first']:13.2e} {r['max_err_vs_float64']:10.2e}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kernels.delta_product import chunk_delta_product, chunk_scan, composed_delta_product
+from kernels.delta_product import chunk as chunk_module
 from kernels.delta_product.tri_inverse import unit_lower_inverse
 from kernels.delta_product.utils import TUNING, chunk_local_cumsum
 from lrnn.ops.recurrent import delta_product_recurrent
@@ -248,7 +249,12 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
         return lambda *a: torch.func.grad(lambda *b: loss(fn, *b), argnums=argnums)(*a)
 
     _, h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))
+    calls = []
+    tangent_fwd = chunk_module.chunk_fwd_tangent
+    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a: calls.append(1) or tangent_fwd(*a))
     _, h_fwd = torch.func.jvp(grad(chunk_delta_product), xs, vs)
+    # the backward's jvp reuses the forward's tangents of the saved intermediates: one tangent forward
+    assert len(calls) == (0 if gate else 1)
     h_rev = torch.func.vjp(grad(chunk_delta_product), *xs)[1](vs)
     errs = {f"{way}_{n}": rel_err(a.double(), b) for way, h in (("fwd", h_fwd), ("rev", h_rev))
             for n, a, b in zip(names, h, h64)}

@@ -77,7 +77,10 @@ def _matmul_precision(q: Tensor):
 
 class ChunkDeltaProductFunction(torch.autograd.Function):
     """``(q, k, v, beta, G, h0, scale) → (o, final_state, Ti, W, Hs, U)``; the last four are
-    non-differentiable intermediates returned so that the backward may reuse them."""
+    intermediates returned so that the backward may reuse them. Reverse mode treats them as
+    constants (their cotangents are ignored; the backward differentiates through them itself);
+    forward mode by the tangent kernels (:func:`_dual_ok`) gives them tangents, which the backward's
+    ``jvp`` reuses; otherwise they are non-differentiable."""
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, scale):
@@ -88,7 +91,8 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, beta, G, h0, scale = inputs
         ctx.scale = scale
-        ctx.mark_non_differentiable(*output[2:])
+        if not _dual_ok(q, G):  # only the tangent kernels give the intermediates tangents
+            ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, beta, G, h0, *output[2:])
         ctx.save_for_forward(q, k, v, beta, G, h0, *output[2:])
@@ -96,6 +100,8 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht, *_):
         q, k, v, beta, G, h0, *saved = ctx.saved_tensors
+        if do is None and dht is None:  # only the intermediates got (ignored) cotangents
+            return (None,) * 7
         if do is None:
             do = torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device, dtype=q.dtype)
         grads = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)[:6]
@@ -107,8 +113,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
         if _dual_ok(primals[0], primals[4]):
             q, k, v, beta, _, h0 = primals
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
-            do, dht = DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
-            return do, dht, None, None, None, None
+            return DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
         return do.to(primals[0].dtype), dht, None, None, None, None
@@ -139,9 +144,11 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        """``d(Jᵀ c) = ∇²⟨f, c⟩ ẋ + Jᵀ ċ`` for ``c = (do, dht)``."""
+        """``d(Jᵀ c) = ∇²⟨f, c⟩ ẋ + Jᵀ ċ`` for ``c = (do, dht)``; the tangents of ``saved`` from the
+        forward's ``jvp`` are reused when all four are given."""
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
-        gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6])[0]
+        tsaved = tangents[9:13] if all(t is not None for t in tangents[9:13]) else None
+        gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6], tsaved)[0]
         tdo, tdht = tangents[6:8]
         if tdo is not None or tdht is not None:
             tdo = torch.zeros_like(do) if tdo is None else tdo
@@ -151,17 +158,18 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
 
 
 def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[Tensor], do: Tensor,
-                  dht: Tensor | None, dirs: tuple[Tensor | None, ...],
-                  ) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
+                  dht: Tensor | None, dirs: tuple[Tensor | None, ...], tsaved: tuple[Tensor, ...] | None = None,
+                  ) -> tuple[tuple[Tensor | None, ...], Tensor | None, Tensor | None]:
     """For ``f = (o, h_T)`` at ``primals = (q, k, v, beta, G, h0)`` and ``c = (do, dht)``:
     ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the tangent kernels when
-    :func:`_dual_ok` (at ``kept``: the forward's ``saved`` and the backward's intermediates), else by
+    :func:`_dual_ok` (at ``kept``: the forward's ``saved`` and the backward's intermediates; with
+    ``tsaved``, the tangents of ``saved``, ``J ẋ`` is not formed and comes back None), else by
     differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
     if _dual_ok(q, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *kept,
-                                                                  *tangents)
+                                                                  *(tsaved or (None,) * 4), *tangents)
         return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
@@ -198,25 +206,29 @@ class _NoThirdOrder(torch.autograd.Function):
 
 
 class DualForward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, scale, Ti, W, Hs, U, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T)``: the tangent of the
-    operator (``J ẋ``) by the tangent kernels at the forward's ``saved = (Ti, W, Hs, U)`` (no gate;
-    ``ḣ0`` None iff ``h0`` is)."""
+    """``(q, k, v, beta, h0, scale, Ti, W, Hs, U, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T, Ṫ, Ẇ, Ḣs, U̇)``: the
+    tangent of the operator (``J ẋ``) and of ``saved = (Ti, W, Hs, U)`` by the tangent kernels at
+    ``saved`` (no gate; ``ḣ0`` None iff ``h0`` is)."""
 
     @staticmethod
     def forward(q, k, v, beta, h0, scale, Ti, W, Hs, U, *tangents):
-        return chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True)[:2]
+        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True)
+        return (to, tht) + tsaved
 
 
 class DualBackward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, q̇, k̇, v̇, β̇, ḣ0) → (H ẋ for q, k,
-    v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's ``saved`` and the
-    backward's intermediates for the cotangents ``(do, dht)``; the tangents of the gradients are the
-    Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ`` (``ḣ_T`` None when ``dht`` is)."""
+    """``(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇, β̇, ḣ0) →
+    (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
+    ``saved`` and the backward's intermediates for the cotangents ``(do, dht)``; the tangents of the
+    gradients are the Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ``. The tangents of ``saved``
+    (``Ṫ, Ẇ, Ḣs, U̇``) may be given (all four), and then ``ȯ, ḣ_T`` come back None; ``ḣ_T`` is None
+    when ``dht`` is."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, *tangents):
-        saved = (Ti, W, Hs, U)
-        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents, dht is not None)
+    def forward(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU, *tangents):
+        saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
+        if tTi is None:
+            to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents, dht is not None)
         hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved)
         return hvp + (to, tht)
 

@@ -261,6 +261,32 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     assert max(errs.values()) < 2e-5, errs
 
 
+def test_jvp_of_grad_of_a_linear_loss_runs_each_pass_once(monkeypatch):
+    """``jvp(grad(⟨c, o⟩))`` matches the float64 HVP and runs one primal backward, one tangent
+    forward and one tangent backward: the backward's ``jvp`` reuses the forward's tangents and skips
+    the zero tangent that torch.func gives the constant cotangent ``c``."""
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    x = make_inputs(B=1, T=12, n_h=2, H=2, K=16, V=16, gate=False, initial_state=True, correlated=True, seed=5)
+    names = [n for n in ARGS if x[n] is not None]
+    xs = tuple(x[n].float() for n in names)
+    vs = tuple(torch.randn_like(t) for t in xs)
+    c = torch.randn(x["q"].shape[:3] + (x["v"].shape[-1],), dtype=torch.float64)
+    argnums = tuple(range(len(xs)))
+
+    def grad(fn):
+        return torch.func.grad(lambda *a: (fn(**dict(zip(names, a)), scale=0.7)[0].double() * c).sum(), argnums=argnums)
+
+    h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))[1]
+    calls = []
+    for name in ("chunk_bwd", "chunk_fwd_tangent", "chunk_bwd_tangent"):
+        fn = getattr(chunk_module, name)
+        monkeypatch.setattr(chunk_module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    h = torch.func.jvp(grad(chunk_delta_product), xs, vs)[1]
+    assert sorted(calls) == ["chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
+    errs = {n: rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
+    assert max(errs.values()) < 2e-5, errs
+
+
 def test_third_order_through_the_dual_kernels_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     x = make_inputs(B=1, T=6, n_h=2, H=1, K=16, V=16, gate=False, initial_state=False, seed=4)

@@ -149,7 +149,9 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
         tsaved = tangents[9:13] if all(t is not None for t in tangents[9:13]) else None
         gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6], tsaved)[0]
-        tdo, tdht = tangents[6:8]
+        # torch.func hands over zero tensors for cotangents without a tangent: skip their backward
+        # (one device-to-host read instead of a whole backward pass)
+        tdo, tdht = (None if t is None or not bool(t.any()) else t for t in tangents[6:8])
         if tdo is not None or tdht is not None:
             tdo = torch.zeros_like(do) if tdo is None else tdo
             lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *rest[:4])[:6]

@@ -214,10 +214,10 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     (40, 2, True, 32, 16, torch.float32, "dual"),
     (30, 3, True, 24, 20, torch.float32, "dual"),    # 63 micro-steps per chunk, odd head dims
     (5, 4, False, 16, 16, torch.float32, "dual"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, "auto"),   # the default takes the dual kernels for bf16
+    (40, 2, True, 32, 16, torch.bfloat16, "dual"),
 ])
 def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, mode, monkeypatch):
-    """The fused dual-number kernels (``hvp_mode = "dual"``; ``"auto"``, the default, for bf16):
+    """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
     (tolerance: float32 2e-5, bf16 4e-2 as for the first order)."""
     monkeypatch.setattr(TUNING, "hvp_mode", mode)
@@ -261,10 +261,10 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     assert max(errs.values()) < 2e-5, errs
 
 
-def test_jvp_of_grad_of_a_linear_loss_runs_each_pass_once(monkeypatch):
-    """``jvp(grad(⟨c, o⟩))`` matches the float64 HVP and runs one primal backward, one tangent
-    forward and one tangent backward: the backward's ``jvp`` reuses the forward's tangents and skips
-    the zero tangent that torch.func gives the constant cotangent ``c``."""
+def test_jvp_of_grad_of_a_linear_loss_runs_one_tangent_forward(monkeypatch):
+    """``jvp(grad(⟨c, o⟩))`` matches the float64 HVP and runs one tangent forward and one tangent
+    backward (the backward's ``jvp`` reuses the forward's tangents), and two primal backwards: the
+    second for the zero tangent that torch.func gives the constant cotangent ``c``."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     x = make_inputs(B=1, T=12, n_h=2, H=2, K=16, V=16, gate=False, initial_state=True, correlated=True, seed=5)
     names = [n for n in ARGS if x[n] is not None]
@@ -282,7 +282,7 @@ def test_jvp_of_grad_of_a_linear_loss_runs_each_pass_once(monkeypatch):
         fn = getattr(chunk_module, name)
         monkeypatch.setattr(chunk_module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     h = torch.func.jvp(grad(chunk_delta_product), xs, vs)[1]
-    assert sorted(calls) == ["chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
+    assert sorted(calls) == ["chunk_bwd", "chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
     errs = {n: rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
     assert max(errs.values()) < 2e-5, errs
 

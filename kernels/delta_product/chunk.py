@@ -1,16 +1,19 @@
-"""Public chunked DeltaProduct: fused Triton kernels for value and gradient, the composed
-differentiable form for everything of higher order.
+"""Public chunked DeltaProduct: fused Triton kernels for value, gradient, forward mode and the double
+backward; the composed differentiable form for everything else.
 
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
-  the forward kernels in dual numbers (``TUNING.hvp_mode``: ``"dual"``, or ``"auto"`` for bf16; no
-  gate), else forward mode through :func:`~kernels.delta_product.composed.composed_delta_product`.
+  the tangent kernels of :mod:`~kernels.delta_product.tangent_fwd` at the forward's saved
+  intermediates (``TUNING.hvp_mode = "dual"``, the default; no gate), else forward mode through
+  :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
-  Hessian-vector products) is forward-over-reverse by the dual forward and backward kernels
-  (as for ``jvp``): with ``x + ε c`` as input, the dual parts of the outputs are ``J c`` and
-  of the gradients ``∇²⟨f, (do, dht)⟩ c``. Otherwise it is the second derivative of the composed
-  form, reverse-over-reverse or forward-over-reverse (``TUNING.hvp_mode``; a gate always takes
-  ``"fwd_rev"`` there), whose only sequential part is the low-rank :func:`~kernels.delta_product.scan.chunk_scan`.
+  Hessian-vector products) and ``jvp`` are forward-over-reverse by the tangent kernels: with
+  ``x + ε ẋ`` as input, the tangents of the outputs are ``J ẋ`` and of the gradients
+  ``∇²⟨f, (do, dht)⟩ ẋ``, computed at the saved primal intermediates of the forward and of the
+  backward, which are not recomputed. Otherwise (a gate, or ``hvp_mode`` ``"rev_rev"`` /
+  ``"fwd_rev"``) it is the second derivative of the composed form, reverse-over-reverse or
+  forward-over-reverse, whose only sequential part is the low-rank
+  :func:`~kernels.delta_product.scan.chunk_scan`.
 
 Both Functions use ``setup_context`` and save only inputs and outputs, so ``torch.func.grad``,
 ``torch.func.vjp`` and ``torch.func.jvp`` apply (``vmap`` is not supported).
@@ -91,7 +94,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, beta, G, h0, scale = inputs
         ctx.scale = scale
-        if not _dual_ok(q, G):  # only the tangent kernels give the intermediates tangents
+        if not _dual_ok(G):  # only the tangent kernels give the intermediates tangents
             ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, beta, G, h0, *output[2:])
@@ -110,7 +113,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         *primals, Ti, W, Hs, U = ctx.saved_tensors
-        if _dual_ok(primals[0], primals[4]):
+        if _dual_ok(primals[4]):
             q, k, v, beta, _, h0 = primals
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             return DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
@@ -149,9 +152,9 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
         tsaved = tangents[9:13] if all(t is not None for t in tangents[9:13]) else None
         gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6], tsaved)[0]
-        # torch.func hands over zero tensors for cotangents without a tangent: skip their backward
-        # (one device-to-host read instead of a whole backward pass)
-        tdo, tdht = (None if t is None or not bool(t.any()) else t for t in tangents[6:8])
+        # torch.func hands over zero tensors for cotangents without a tangent; testing them for zero
+        # would synchronize with the device, which cost more than this backward on an H100
+        tdo, tdht = tangents[6:8]
         if tdo is not None or tdht is not None:
             tdo = torch.zeros_like(do) if tdo is None else tdo
             lin = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *rest[:4])[:6]
@@ -168,7 +171,7 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
     ``tsaved``, the tangents of ``saved``, ``J ẋ`` is not formed and comes back None), else by
     differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
-    if _dual_ok(q, G):
+    if _dual_ok(G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *kept,
                                                                   *(tsaved or (None,) * 4), *tangents)
@@ -235,10 +238,9 @@ class DualBackward(_NoThirdOrder):
         return hvp + (to, tht)
 
 
-def _dual_ok(q: Tensor, G: Tensor | None) -> bool:
-    """The dual kernels serve forward mode and the double backward: no gate, and ``hvp_mode = "dual"``,
-    or ``"auto"`` with 16-bit inputs."""
-    return G is None and (TUNING.hvp_mode == "dual" or (TUNING.hvp_mode == "auto" and q.dtype.itemsize == 2))
+def _dual_ok(G: Tensor | None) -> bool:
+    """The tangent kernels serve forward mode and the double backward: no gate and ``hvp_mode = "dual"``."""
+    return G is None and TUNING.hvp_mode == "dual"
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

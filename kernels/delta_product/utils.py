@@ -70,13 +70,11 @@ class Tuning:
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
             (``torch.linalg.solve_triangular``) or ``"kernel"`` (``tri_inverse.unit_lower_inverse``
             and matmuls: all its derivatives are batched matmuls).
-        hvp_mode: the double backward and ``jvp``: ``"dual"``, the fused kernels run in dual numbers
-            (forward-over-reverse; without a gate, else as ``"fwd_rev"``); or differentiate the composed
-            form: ``"rev_rev"`` (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one
-            ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``, no graph of the backward kept); ``"auto"``:
-            ``"dual"`` for 16-bit inputs, ``"fwd_rev"`` for float32 (whose dual kernels spill
-            registers: 61 / 385 / 598 ms per HVP at n_h = 1 / 2 / 3 on an H100, against 54 / 92 /
-            139 ms composed).
+        hvp_mode: the double backward and ``jvp``: ``"dual"``, the tangent kernels
+            (``tangent_fwd``, ``tangent_bwd``: forward-over-reverse at the saved primal intermediates;
+            without a gate, else as ``"fwd_rev"``); or differentiate the composed form: ``"rev_rev"``
+            (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
+            ``x ↦ (f(x), vjp)``, no graph of the backward kept).
     """
 
     inverse: str = "tiles"
@@ -98,7 +96,7 @@ class Tuning:
     bwd_store: str = "input"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
-    hvp_mode: str = "auto"
+    hvp_mode: str = "dual"
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -138,7 +136,7 @@ class Tuning:
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("auto", "dual", "rev_rev", "fwd_rev")),
+                              ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:

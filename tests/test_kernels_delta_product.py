@@ -127,7 +127,7 @@ def test_tuning_spec_is_validated():
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice"):  # 16: illegal memory access (float32)
+    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles

@@ -29,6 +29,7 @@ ARGS = ("q", "k", "v", "beta", "g", "initial_state")
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("DELTA_PRODUCT_POISON", "1")
+    monkeypatch.setattr(TUNING, "tangent_min_dim", 0)  # the tangent kernels at the small test head dims
 
 
 def _loop_scan(a, X, Y, B, h0, C, reverse):
@@ -285,6 +286,18 @@ def test_jvp_of_grad_of_a_linear_loss_runs_one_tangent_forward(monkeypatch):
     assert sorted(calls) == ["chunk_bwd", "chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
     errs = {n: rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
     assert max(errs.values()) < 2e-5, errs
+
+
+def test_small_heads_take_the_composed_second_order(monkeypatch):
+    """Below ``TUNING.tangent_min_dim`` the double backward is the composed form's (no tangent
+    kernel runs), and still the float64 Hessian-vector product."""
+    monkeypatch.setattr(TUNING, "tangent_min_dim", 32)
+    calls = []
+    tangent_fwd = chunk_module.chunk_fwd_tangent
+    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a: calls.append(1) or tangent_fwd(*a))
+    x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=32, gate=False, initial_state=True, correlated=True, seed=6)
+    _all_orders(lambda **a: chunk_delta_product(**a, output_final_state=True, scale=0.8), x, 2e-5, torch.float32)
+    assert not calls
 
 
 def test_third_order_through_the_dual_kernels_is_refused_with_the_fix(monkeypatch):

@@ -94,7 +94,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, beta, G, h0, scale = inputs
         ctx.scale = scale
-        if not _dual_ok(G):  # only the tangent kernels give the intermediates tangents
+        if not _dual_ok(q, v, G):  # only the tangent kernels give the intermediates tangents
             ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, beta, G, h0, *output[2:])
@@ -113,7 +113,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         *primals, Ti, W, Hs, U = ctx.saved_tensors
-        if _dual_ok(primals[4]):
+        if _dual_ok(primals[0], primals[2], primals[4]):
             q, k, v, beta, _, h0 = primals
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             return DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
@@ -171,7 +171,7 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
     ``tsaved``, the tangents of ``saved``, ``J ẋ`` is not formed and comes back None), else by
     differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
-    if _dual_ok(G):
+    if _dual_ok(q, v, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *kept,
                                                                   *(tsaved or (None,) * 4), *tangents)
@@ -238,9 +238,10 @@ class DualBackward(_NoThirdOrder):
         return hvp + (to, tht)
 
 
-def _dual_ok(G: Tensor | None) -> bool:
-    """The tangent kernels serve forward mode and the double backward: no gate and ``hvp_mode = "dual"``."""
-    return G is None and TUNING.hvp_mode == "dual"
+def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:
+    """The tangent kernels serve forward mode and the double backward: no gate, ``hvp_mode = "dual"``
+    and head dims of at least ``TUNING.tangent_min_dim``."""
+    return G is None and TUNING.hvp_mode == "dual" and min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

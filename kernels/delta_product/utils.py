@@ -75,6 +75,10 @@ class Tuning:
             without a gate, else as ``"fwd_rev"``); or differentiate the composed form: ``"rev_rev"``
             (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
             ``x ↦ (f(x), vjp)``, no graph of the backward kept).
+        tangent_min_dim: smallest key / value head dim that ``hvp_mode = "dual"`` takes the tangent
+            kernels for; smaller heads take ``"fwd_rev"`` (at K = V = 32, bf16, the tangent
+            ``wy_bwd`` hit an illegal memory access on an H100 with Triton 3.6; 0 allows every dim,
+            as the CPU tests under the interpreter do).
     """
 
     inverse: str = "tiles"
@@ -97,6 +101,7 @@ class Tuning:
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
+    tangent_min_dim: int = 64
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -135,6 +140,8 @@ class Tuning:
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
+        if self.tangent_min_dim < 0:
+            raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),

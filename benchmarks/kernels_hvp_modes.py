@@ -12,7 +12,7 @@ forward+backward and the relative difference from the first mode's result; at (1
 with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev``), each mode's
 error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``.
 
-    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 1 2 3] [--dtypes bfloat16 float32] [--out DIR]
+    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 3 2 1] [--dtypes bfloat16 float32] [--out DIR]
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
                          jvp_diff=max(rel(a, b) for a, b in zip(jvp_result, result)),
                          diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
                          max_err_vs_float64=max(err.values()), err=err))
-    # after the HVPs: timed first, fwd+bwd read up to 30% slow on a freshly started H100
+    # after the HVPs (timed before them, fwd+bwd read slow)
     fwdbwd = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
     for row in rows:
         row.update(fwdbwd_ms=fwdbwd, ratio=row["hvp_ms"] / fwdbwd, ratio_jvp=row["hvp_jvp_ms"] / fwdbwd)
@@ -79,7 +79,8 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all-modes", action="store_true", help="also rev_rev and the TF32 variants")
-    ap.add_argument("--nh", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1],
+                    help="largest first: the first n_h of a process timed its fwd+bwd up to 30%% slow on an H100")
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()

@@ -25,6 +25,7 @@ from kernels.delta_product.common import (
     load_rows,
     masked_exp,
     mm,
+    scan_program,
     steps,
     store_rows,
     tokens,
@@ -86,12 +87,7 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K
                    V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
                    STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT > 0:
         b_dh += load_rows(dHT + i_bh * K * V, o_k, m_k, V, o_v, m_v)

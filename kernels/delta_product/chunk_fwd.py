@@ -21,6 +21,7 @@ from kernels.delta_product.common import (
     load_rows,
     masked_exp,
     mm,
+    scan_program,
     steps,
     store_rows,
     tokens,
@@ -95,12 +96,7 @@ def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, T, N, NC, H, K: tl.constexpr, V: t
                   NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
                   PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
         b_h += load_rows(H0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)

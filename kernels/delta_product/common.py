@@ -22,6 +22,16 @@ def steps(i_c, N, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def scan_program(H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A chunk-scan program's batch, head, ``batch·head`` and its ``[BK, BV]`` state tile: key
+    offsets and validity, value offsets (block ``program_id(0)``) and validity."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    return i_bh // H, i_bh % H, i_bh, o_k, o_k < K, o_v, o_v < V
+
+
+@triton.jit
 def tokens(i_c, T, CT: tl.constexpr, BQ: tl.constexpr):
     """Local token offsets, global token indices and validity."""
     o_t = tl.arange(0, BQ)

@@ -22,7 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config, tangent_launch
-from kernels.delta_product.common import causal_mask, load_rows, mm, steps, store_rows, tokens
+from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
+from kernels.delta_product.tangent_fwd import step_chunk
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 
@@ -85,12 +86,7 @@ def scan_dh_tangent_kernel(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, tdH0,
                            K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                            BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, DOT: tl.constexpr,
                            PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         it = 0
@@ -153,17 +149,26 @@ def dqkw_tangent_kernel(q, k, Hs, dHs, U, dU, dO, tq, tk, tHs, tdHs, tU, tdU, td
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
 
 
+@triton.jit
+def _wy_block(b_x, b_tx, b_d, b_td, b_beta, b_tbeta, b_T, b_tT, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One column block of ``W = T diag(β) K`` (or ``U₀ = T diag(β) V``) with cotangent ``b_d`` (``dW`` or
+    ``dU``) for ``b_x`` (``K`` or ``V``): the block's terms of ``dT = b_d (diag(β) b_x)ᵀ`` and its tangent,
+    and ``Tᵀ b_d`` with its tangent."""
+    b_xb = b_x * b_beta[:, None]
+    b_dT = mm(b_d, tl.trans(b_xb), DOT, PREC)
+    b_tdT = (mm(b_td, tl.trans(b_xb), DOT, PREC)
+             + mm(b_d, tl.trans(b_tx * b_beta[:, None] + b_x * b_tbeta[:, None]), DOT, PREC))
+    b_dx = mm(tl.trans(b_T), b_d, DOT, PREC)
+    b_tdx = mm(tl.trans(b_tT), b_d, DOT, PREC) + mm(tl.trans(b_T), b_td, DOT, PREC)
+    return b_dT, b_tdT, b_dx, b_tdx
+
+
 @triton.jit(do_not_specialize=["N", "H"])
 def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, N, H,
                           K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                           BKB: tl.constexpr, BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
-    rows = i_b * N + n_i
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
-    b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
+    i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
@@ -173,27 +178,21 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_tdw = load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_xk = b_k * b_beta[:, None]
-        b_dT += mm(b_dw, tl.trans(b_xk), DOT, PREC)
-        b_tdT += (mm(b_tdw, tl.trans(b_xk), DOT, PREC)
-                  + mm(b_dw, tl.trans(b_tk * b_beta[:, None] + b_k * b_tbeta[:, None]), DOT, PREC))
-        b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
+        dT, tdT, b_dx, b_tdx = _wy_block(b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_beta,
+                                         b_tbeta, b_T, b_tT, DOT, PREC)
+        b_dT += dT
+        b_tdT += tdT
         b_tdb += tl.sum(b_tdx * b_k + b_dx * b_tk, 1)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
         b_tv = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-        b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
-        b_tdu = load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
-        b_yv = b_v * b_beta[:, None]
-        b_dT += mm(b_du, tl.trans(b_yv), DOT, PREC)
-        b_tdT += (mm(b_tdu, tl.trans(b_yv), DOT, PREC)
-                  + mm(b_du, tl.trans(b_tv * b_beta[:, None] + b_v * b_tbeta[:, None]), DOT, PREC))
-        b_dy = mm(tl.trans(b_T), b_du, DOT, PREC)
-        b_tdy = mm(tl.trans(b_tT), b_du, DOT, PREC) + mm(tl.trans(b_T), b_tdu, DOT, PREC)
+        dT, tdT, b_dy, b_tdy = _wy_block(b_v, b_tv, load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
+                                         load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V), b_beta,
+                                         b_tbeta, b_T, b_tT, DOT, PREC)
+        b_dT += dT
+        b_tdT += tdT
         b_tdb += tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
         store_rows(tdv + i_h * V, b_tdy * b_beta[:, None] + b_dy * b_tbeta[:, None], rows, m_i, H * V, o_v,
                    o_v < V)

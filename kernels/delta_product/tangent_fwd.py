@@ -23,20 +23,36 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config, tangent_launch
-from kernels.delta_product.common import causal_mask, load_rows, mm, steps, store_rows, tokens
+from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 
-@triton.jit(do_not_specialize=["N", "H"])
-def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl.constexpr, V: tl.constexpr,
-                        NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
-                        BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+@triton.jit
+def step_chunk(beta, tbeta, N, H, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr):
+    """A per-chunk program over micro-steps (grid: chunk, batch·head): head, batch·head, the chunk's
+    steps (``steps``), their rows of ``[B·N, H]``, and ``β``, ``β̇`` there (float32)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
+    return i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta
+
+
+@triton.jit
+def _t_times(b_T, b_tT, b_x, b_tx, b_beta, b_tbeta, DOT: tl.constexpr, PREC: tl.constexpr):
+    """The tangent of ``T diag(β) X`` for one column block ``b_x`` of ``K`` or ``V``:
+    ``Ṫ diag(β) X + T (diag(β̇) X + diag(β) Ẋ)``."""
+    return (mm(b_tT, b_x * b_beta[:, None], DOT, PREC)
+            + mm(b_T, b_tx * b_beta[:, None] + b_x * b_tbeta[:, None], DOT, PREC))
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl.constexpr, V: tl.constexpr,
+                        NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
+                        BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
+    i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # K̇ Kᵀ
     for i_k in range(tl.cdiv(K, BKB)):
@@ -51,15 +67,13 @@ def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl
     store_rows(tTi + i_bh * N * BT, b_tT, n_i, m_i, BT, o_i, o_i < BT)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_tx = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K) * b_beta[:, None] + b_k * b_tbeta[:, None]
-        b_tw = mm(b_tT, b_k * b_beta[:, None], DOT, PREC) + mm(b_T, b_tx, DOT, PREC)
+        b_tw = _t_times(b_T, b_tT, load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
+                        load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), b_beta, b_tbeta, DOT, PREC)
         store_rows(tW + i_bh * N * K, b_tw, n_i, m_i, K, o_k, o_k < K)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
-        b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-        b_ty = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V) * b_beta[:, None] + b_v * b_tbeta[:, None]
-        b_tu = mm(b_tT, b_v * b_beta[:, None], DOT, PREC) + mm(b_T, b_ty, DOT, PREC)
+        b_tu = _t_times(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
+                        load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V), b_beta, b_tbeta, DOT, PREC)
         store_rows(tU0 + i_bh * N * V, b_tu, n_i, m_i, V, o_v, o_v < V)
 
 
@@ -87,12 +101,7 @@ def scan_h_tangent_kernel(k, W, Hs, U, tk, tW, tU0, tH0, tHs, tU, tHT, N, NC, H,
                           V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
                           PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
+    i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_th = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
         b_th += load_rows(tH0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)

@@ -1,6 +1,6 @@
 """``examples/kernels_second_order.py``: its kernel value, gradient, HVP and jvp agree with the
-float64 token-by-token recurrence on fresh random inputs (float32, gate and initial state, T not
-a multiple of the chunk)."""
+float64 token-by-token recurrence on fresh random inputs (float32, with and without a gate, initial
+state, T not a multiple of the chunk)."""
 import importlib.util
 from pathlib import Path
 
@@ -12,11 +12,16 @@ pytest.importorskip("triton")
 PATH = Path(__file__).resolve().parents[1] / "examples" / "kernels_second_order.py"
 
 
-def test_example_derivatives_match_the_float64_recurrence():
+@pytest.mark.parametrize("gate", [True, False])
+def test_example_derivatives_match_the_float64_recurrence(gate, monkeypatch):
+    """With the gate: the composed second order; without: the tangent kernels (every head dim)."""
+    from kernels.delta_product.utils import TUNING
+
+    monkeypatch.setattr(TUNING, "tangent_min_dim", 0)
     spec = importlib.util.spec_from_file_location("kernels_second_order", PATH)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    errors = example.run(B=1, T=25, H=2, D=16, n_h=3, dtype="float32", seed=seed)
+    errors = example.run(B=1, T=25, H=2, D=16, n_h=3, dtype="float32", seed=seed, gate=gate)
     assert set(errors) == {"o", "grad", "hvp", "jvp"}
     assert max(errors.values()) < 2e-5, (seed, errors)

@@ -245,7 +245,7 @@ def main():
                                         seed=B + T + n_h)
                         r = judge(first_order(x, D ** -0.5), dt)
                         del x
-                        # second order: the dual kernels without a gate, the composed form with one
+                        # second order: the tangent kernels without a gate, the composed form with one
                         x2 = make_inputs(1, T, 2, D, D, n_h, dtype=dt, gate=gate, h0=True, correlated=True,
                                          seed=T + n_h)
                         r2 = judge(second_order(x2, 1.0), dt)

@@ -7,7 +7,7 @@ on the token-by-token recurrence (fresh random inputs, correlated keys, ``β`` u
 * the composed chunked form (PyTorch inside chunks + ``chunk_scan``) in float64: equal to the
   recurrence to rounding for outputs, gradients, Hessian-vector products and ``jvp``;
 * the public function in float32 (fused kernels for value and gradient; double backward and
-  ``jvp`` by the fused dual-number kernels without a gate, else through the composed form):
+  ``jvp`` by the tangent kernels without a gate, else through the composed form):
   Hessian-vector products by double backward and ``torch.func.jvp``, and by ``torch.func``'s
   ``jvp`` and ``vjp`` of ``grad``, tolerance 2e-5 relative (seen ≤ 1e-6).
 """
@@ -210,18 +210,18 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     _all_orders(kernel, x, 2e-5, torch.float32)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, mode", [
-    (70, 1, False, 16, 32, torch.float32, "dual"),   # two chunks, T not divisible by the chunk
-    (40, 2, True, 32, 16, torch.float32, "dual"),
-    (30, 3, True, 24, 20, torch.float32, "dual"),    # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16, torch.float32, "dual"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, "dual"),
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype", [
+    (70, 1, False, 16, 32, torch.float32),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16, torch.float32),
+    (30, 3, True, 24, 20, torch.float32),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16),
 ])
-def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, mode, monkeypatch):
+def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, monkeypatch):
     """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
     (tolerance: float32 2e-5, bf16 4e-2 as for the first order)."""
-    monkeypatch.setattr(TUNING, "hvp_mode", mode)
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
 
     def kernel(**a):
@@ -233,7 +233,7 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, mode, monkeypatch):
 @pytest.mark.parametrize("gate", [False, True])
 def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     """``torch.func.jvp(grad(ℓ))`` (the backward Function's ``jvp``) and ``torch.func.vjp(grad(ℓ))``
-    give the float64 Hessian-vector product, for a loss nonlinear in both outputs (the dual kernels
+    give the float64 Hessian-vector product, for a loss nonlinear in both outputs (the tangent kernels
     without a gate, the composed form with one)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=gate, initial_state=True, correlated=True, seed=3)

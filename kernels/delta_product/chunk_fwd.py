@@ -156,13 +156,6 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
                 INTERPRET=interpreting())
 
 
-def tangent_launch(c: dict, kernel: str, dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
-    :func:`launch_config` (:meth:`~kernels.delta_product.utils.Tuning.tangent_launch`)."""
-    warps, tile = TUNING.tangent_launch(kernel, dtype)
-    return warps, min(c["BK"], tile), min(c["BVP"], tile)
-
-
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,
               scale: float, output_final_state: bool) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """Run the three forward kernels.

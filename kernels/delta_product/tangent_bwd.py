@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.chunk_fwd import launch_config, tangent_launch
+from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
-from kernels.delta_product.tangent_fwd import step_chunk
+from kernels.delta_product.tangent_fwd import step_chunk, tangent_launch
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.chunk_fwd import launch_config, tangent_launch
+from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
 from kernels.delta_product.utils import TUNING, alloc, launch
 
@@ -144,6 +144,14 @@ def out_tangent_kernel(q, k, Hs, U, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: 
     b_to += mm(b_ts, load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
     b_to += mm(b_s, load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
     store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
+
+
+def tangent_launch(c: dict, kernel: str, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
+    :func:`~kernels.delta_product.chunk_fwd.launch_config`
+    (:meth:`~kernels.delta_product.utils.Tuning.tangent_launch`)."""
+    warps, tile = TUNING.tangent_launch(kernel, dtype)
+    return warps, min(c["BK"], tile), min(c["BVP"], tile)
 
 
 def twin(x: Tensor | None) -> Tensor | None:

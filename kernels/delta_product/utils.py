@@ -111,8 +111,8 @@ class Tuning:
         return 128 if dtype.itemsize == 2 else 64
 
     def scan_cols(self, dual: bool = False) -> int:
-        """Value columns per program of the chunk scans: ``bv_scan``; in dual numbers ``bv_dual``,
-        or when 0, ``bv_scan``."""
+        """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)
+        ``bv_dual``, or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
 
     def tangent_launch(self, kernel: str, dtype: torch.dtype) -> tuple[int, int]:

@@ -123,10 +123,12 @@ def precompile(configs, workers=12):
         return [e for e in pool.map(_warm_one, unique) if e]
 
 
-def hvp_fn(x: dict, do, vs=None, scale=1.0):
+def hvp_fn(x: dict, do, vs=None, scale=1.0, inner: bool = False):
     """A closure returning one Hessian-vector product of ``⟨do, o(x)⟩`` by double backward through
     ``ours(x, scale)`` w.r.t. every tensor of ``x`` (which must require grad), in the directions
-    ``vs`` (one per present tensor; default fixed random ones)."""
+    ``vs`` (one per present tensor; default fixed random ones): ``grad(g, x, grad_outputs=vs)`` for
+    ``g = grad(⟨do, o⟩, x, create_graph=True)``, or with ``inner`` ``grad(Σ ⟨g, v⟩, x)``, the same
+    product plus the elementwise products, sums and their backward that the inner product costs."""
     ins = {n: t for n, t in x.items() if t is not None}
     xs = list(ins.values())
     vs = [torch.randn_like(t) for t in xs] if vs is None else vs
@@ -134,7 +136,9 @@ def hvp_fn(x: dict, do, vs=None, scale=1.0):
     def hv():
         o, _ = ours(ins, scale)
         gs = torch.autograd.grad(o, xs, do, create_graph=True)
-        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
+        if inner:
+            return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
+        return torch.autograd.grad(gs, xs, [v.to(g.dtype) for g, v in zip(gs, vs)])
 
     return hv
 

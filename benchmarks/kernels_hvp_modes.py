@@ -1,7 +1,9 @@
 """GPU: the double backward of the DeltaProduct kernels by mode, side by side in one process.
 
 A Hessian-vector product of ``⟨do, o(x)⟩`` (``o = chunk_delta_product(x)``, every input a leaf)
-in fixed random directions, computed by double backward (and, timed beside it, by
+in fixed random directions ``u``, computed by double backward, ``grad(g, x, grad_outputs=u)`` for
+``g = grad(⟨do, o⟩, x, create_graph=True)`` (and, timed beside it, as ``grad(⟨g, u⟩, x)``, "<g,u>",
+which adds the inner product's elementwise kernels, and by
 ``torch.func.jvp(torch.func.grad(⟨do, o⟩))``, "jvp") with ``TUNING.hvp_mode`` =
 ``"dual"`` (the tangent kernels), ``"rev_rev"`` (``torch.func.vjp`` of the composed
 form's ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``): ``fwd_rev`` (bf16
@@ -12,7 +14,7 @@ forward+backward and the relative difference from the first mode's result; at (1
 with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev``), each mode's
 error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``.
 
-    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 3 2 1] [--dtypes bfloat16 float32] [--out DIR]
+    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 3 2 1] [--dtypes bfloat16 float32] [--out DIR] [--json NAME]
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
         return torch.autograd.grad(ours(xs, D ** -0.5)[0], list(xs.values()), do)
 
     hvp = hvp_fn(xs, do, vs, D ** -0.5)
+    hvp_inner = hvp_fn(xs, do, vs, D ** -0.5, inner=True)
     hvp_jvp = hvp_jvp_fn(xs, do, vs, D ** -0.5)
     rows, base = [], None
     for mode, tf32 in modes:
@@ -57,6 +60,7 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
         if base is None:  # the first mode is the baseline
             base = result
         ms = triton.testing.do_bench(hvp, warmup=2, rep=300, return_mode="median")
+        inner_ms = triton.testing.do_bench(hvp_inner, warmup=2, rep=300, return_mode="median")
         jvp_result = hvp_jvp()
         jvp_ms = triton.testing.do_bench(hvp_jvp, warmup=2, rep=300, return_mode="median")
         err = {}
@@ -64,14 +68,16 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
             small = make_inputs(1, 1024, 2, D, D, n_h, dtype=dtype, gate=gate, h0=True, correlated=n_h > 1,
                                 seed=10 + n_h)
             err.update({f"{k}{'_gate' if gate else ''}": e for k, e in second_order(small, D ** -0.5).items()})
-        rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], mode=mode, hvp_tf32=tf32, hvp_ms=ms, hvp_jvp_ms=jvp_ms,
+        rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], mode=mode, hvp_tf32=tf32, hvp_ms=ms, hvp_inner_ms=inner_ms,
+                         hvp_jvp_ms=jvp_ms,
                          jvp_diff=max(rel(a, b) for a, b in zip(jvp_result, result)),
                          diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
                          max_err_vs_float64=max(err.values()), err=err))
     # after the HVPs (timed before them, fwd+bwd read slow)
     fwdbwd = triton.testing.do_bench(fwd_bwd, warmup=10, rep=100, return_mode="median")
     for row in rows:
-        row.update(fwdbwd_ms=fwdbwd, ratio=row["hvp_ms"] / fwdbwd, ratio_jvp=row["hvp_jvp_ms"] / fwdbwd)
+        row.update(fwdbwd_ms=fwdbwd, ratio=row["hvp_ms"] / fwdbwd, ratio_inner=row["hvp_inner_ms"] / fwdbwd,
+                   ratio_jvp=row["hvp_jvp_ms"] / fwdbwd)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -82,6 +88,7 @@ def main() -> None:
     ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1],
                     help="largest first: the first n_h of a process timed its fwd+bwd up to 30%% slow on an H100")
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    ap.add_argument("--json", default="kernels_hvp_modes.json", help="file name under --out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -93,14 +100,15 @@ def main() -> None:
         TUNING.load(default)
     res = dict(env_info(), shape=[B, T, H, D], rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_hvp_modes.json"), "w") as f:
+    with open(os.path.join(args.out, args.json), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
     print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'fwd+bwd':>7} {'HVP ms':>7} {'ratio':>6} "
-          f"{'jvp ms':>7} {'ratio':>6} | {'jvp diff':>8} {'diff vs first':>13} {'err vs f64':>10}")
+          f"{'<g,u> ms':>8} {'ratio':>6} {'jvp ms':>7} {'ratio':>6} | {'jvp diff':>8} {'diff vs first':>13} {'err vs f64':>10}")
     for r in rows:
         print(f"{r['dtype']:>8} {r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['fwdbwd_ms']:7.2f} "
-              f"{r['hvp_ms']:7.2f} {r['ratio']:5.2f}x {r['hvp_jvp_ms']:7.2f} {r['ratio_jvp']:5.2f}x | "
+              f"{r['hvp_ms']:7.2f} {r['ratio']:5.2f}x {r['hvp_inner_ms']:8.2f} {r['ratio_inner']:5.2f}x "
+              f"{r['hvp_jvp_ms']:7.2f} {r['ratio_jvp']:5.2f}x | "
               f"{r['jvp_diff']:8.1e} {r['diff_from_first']:13.2e} {r['max_err_vs_float64']:10.2e}")
 
 

@@ -1,12 +1,13 @@
 """GPU: launch choices of the tangent kernels (``kernels.delta_product.tangent_fwd``, ``tangent_bwd``).
 
-One Hessian-vector product by double backward at (4, 4096, 16, 128), no gate, bf16 (``--nh``,
-default 2), profiled (torch.profiler) under every combination of ``warps_dual ∈ {4, 8}``,
+One Hessian-vector product by double backward at (4, 4096, 16, 128), no gate, bf16 or float32
+(``--dtype``; ``--nh``, default 2), profiled (torch.profiler) under every combination of ``warps_dual ∈ {4, 8}``,
 ``block_dual ∈ {half, full}`` (of ``Tuning.tile``) and ``bv_dual ∈ {32, 64}``; per tangent kernel,
 its CUDA time in each, and the fastest choice. ``TANGENT_LAUNCH`` in ``kernels/delta_product/utils.py``
-holds those choices; the last row is the defaults. Writes ``kernels_tangent_launch.json``.
+holds those choices; the last row is the defaults. Writes ``kernels_tangent_launch.json``
+(``kernels_tangent_launch_float32.json`` for float32).
 
-    python benchmarks/kernels_tangent_launch.py [--nh 2] [--out DIR]
+    python benchmarks/kernels_tangent_launch.py [--nh 2] [--dtype bfloat16] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ B, T, H, D = 4, 4096, 16, 128
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nh", type=int, default=2)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    x = make_inputs(B, T, H, D, D, args.nh, dtype=torch.bfloat16, correlated=args.nh > 1, seed=args.nh)
+    dtype = getattr(torch, args.dtype)
+    x = make_inputs(B, T, H, D, D, args.nh, dtype=dtype, correlated=args.nh > 1, seed=args.nh)
     xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
-    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
     hvp = hvp_fn(xs, do, scale=D ** -0.5)
-    tile = TUNING.tile(torch.bfloat16)
+    tile = TUNING.tile(dtype)
     default = TUNING.spec()
     specs = [f"warps_dual={w},block_dual={b},bv_dual={v}"
              for w, b, v in itertools.product((4, 8), (tile // 2, tile), (32, 64))] + [default]
@@ -50,11 +53,12 @@ def main() -> None:
     finally:
         TUNING.load(default)
     best = {k: min(((r["kernels"][k], r["spec"]) for r in rows[:-1] if k in r["kernels"])) for k in rows[0]["kernels"]}
-    res = dict(env_info(), shape=[B, T, H, D], n_h=args.nh, rows=rows, fastest=best)
+    res = dict(env_info(), shape=[B, T, H, D], dtype=args.dtype, n_h=args.nh, rows=rows, fastest=best)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels_tangent_launch.json"), "w") as f:
+    name = "kernels_tangent_launch" + ("" if dtype == torch.bfloat16 else f"_{args.dtype}") + ".json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  n_h = {args.nh}; ms per kernel")
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  {args.dtype}, n_h = {args.nh}; ms per kernel")
     names = sorted(best)
     print(f"{'spec':>42} | " + " ".join(f"{n.replace('_tangent_kernel', ''):>8}" for n in names) + " |  total")
     for r in rows:

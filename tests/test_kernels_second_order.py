@@ -252,7 +252,7 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     _, h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))
     calls = []
     tangent_fwd = chunk_module.chunk_fwd_tangent
-    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a: calls.append(1) or tangent_fwd(*a))
+    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a, **kw: calls.append(1) or tangent_fwd(*a, **kw))
     _, h_fwd = torch.func.jvp(grad(chunk_delta_product), xs, vs)
     # the backward's jvp reuses the forward's tangents of the saved intermediates: one tangent forward
     assert len(calls) == (0 if gate else 1)
@@ -281,11 +281,55 @@ def test_jvp_of_grad_of_a_linear_loss_runs_one_tangent_forward(monkeypatch):
     calls = []
     for name in ("chunk_bwd", "chunk_fwd_tangent", "chunk_bwd_tangent"):
         fn = getattr(chunk_module, name)
-        monkeypatch.setattr(chunk_module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        monkeypatch.setattr(chunk_module, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
     h = torch.func.jvp(grad(chunk_delta_product), xs, vs)[1]
     assert sorted(calls) == ["chunk_bwd", "chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
     errs = {n: rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
     assert max(errs.values()) < 2e-5, errs
+
+
+@pytest.mark.parametrize("cotangents_need_grad", [False, True])
+def test_double_backward_forms_the_output_tangent_only_for_cotangents_that_need_it(cotangents_need_grad,
+                                                                                  monkeypatch):
+    """In ``grad(⟨grad(⟨c, f(x)⟩, x), u⟩)`` the cotangent of ``c = (do, dht)`` is ``J u``: the tangent
+    kernels form it (against the float64 ``jvp``) only when ``c`` requires grad, else the output tangent
+    kernel is not launched; the HVP is the float64 one either way."""
+    from kernels.delta_product import tangent_fwd as tangent_fwd_module
+
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    launched = []
+    launch = tangent_fwd_module.launch
+    monkeypatch.setattr(tangent_fwd_module, "launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(
+        kernel, *a, **kw))
+    x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=False, initial_state=True, correlated=True, seed=8)
+    names = [n for n in ARGS if x[n] is not None]
+    xs64 = tuple(x[n].double() for n in names)
+    us = tuple(torch.randn_like(t) for t in xs64)
+
+    def ref(*a):
+        return delta_product_recurrent(**dict(zip(names, a)), output_final_state=True, scale=0.8)
+
+    o64, s64 = ref(*(t.clone().requires_grad_() for t in xs64))
+    cs64 = (torch.randn_like(o64), torch.randn_like(s64))
+    xs = [t.float().requires_grad_() for t in xs64]
+    cs = [c.float().requires_grad_(cotangents_need_grad) for c in cs64]
+    o, s = chunk_delta_product(**dict(zip(names, xs)), output_final_state=True, scale=0.8)
+    g = torch.autograd.grad((o, s), xs, cs, create_graph=True)
+    wrt = xs + (cs if cotangents_need_grad else [])
+    h = torch.autograd.grad(g, wrt, [u.float() for u in us])
+
+    def grad_at(*a):
+        out = ref(*a)
+        return torch.autograd.grad(out, a, cs64, create_graph=True)
+
+    a64 = tuple(t.clone().requires_grad_() for t in xs64)
+    h64 = torch.autograd.grad(grad_at(*a64), a64, us)
+    errs = {f"hvp_{n}": rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
+    if cotangents_need_grad:
+        jo, js = torch.func.jvp(ref, xs64, us)[1]
+        errs.update(jvp_o=rel_err(h[-2].double(), jo), jvp_s=rel_err(h[-1].double(), js))
+    assert max(errs.values()) < 2e-5, errs
+    assert (tangent_fwd_module.out_tangent_kernel in launched) == cotangents_need_grad
 
 
 def test_small_heads_take_the_composed_second_order(monkeypatch):
@@ -294,7 +338,7 @@ def test_small_heads_take_the_composed_second_order(monkeypatch):
     monkeypatch.setattr(TUNING, "tangent_min_dim", 32)
     calls = []
     tangent_fwd = chunk_module.chunk_fwd_tangent
-    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a: calls.append(1) or tangent_fwd(*a))
+    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a, **kw: calls.append(1) or tangent_fwd(*a, **kw))
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=32, gate=False, initial_state=True, correlated=True, seed=6)
     _all_orders(lambda **a: chunk_delta_product(**a, output_final_state=True, scale=0.8), x, 2e-5, torch.float32)
     assert not calls

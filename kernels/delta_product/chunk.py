@@ -142,7 +142,8 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *cot):
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
-        gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, cot[:6])
+        gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, cot[:6],
+                                      need_jx=any(ctx.needs_input_grad[6:8]))
         return gx + (ddo, ddht, None) + (None,) * 4
 
     @staticmethod
@@ -164,17 +165,17 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
 
 def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[Tensor], do: Tensor,
                   dht: Tensor | None, dirs: tuple[Tensor | None, ...], tsaved: tuple[Tensor, ...] | None = None,
-                  ) -> tuple[tuple[Tensor | None, ...], Tensor | None, Tensor | None]:
+                  need_jx: bool = True) -> tuple[tuple[Tensor | None, ...], Tensor | None, Tensor | None]:
     """For ``f = (o, h_T)`` at ``primals = (q, k, v, beta, G, h0)`` and ``c = (do, dht)``:
     ``(∇²⟨f, c⟩ ẋ per primal, J ẋ)`` with ``ẋ = dirs`` (None: zero), by the tangent kernels when
     :func:`_dual_ok` (at ``kept``: the forward's ``saved`` and the backward's intermediates; with
-    ``tsaved``, the tangents of ``saved``, ``J ẋ`` is not formed and comes back None), else by
-    differentiating the composed form (``TUNING.hvp_mode``)."""
+    ``tsaved``, the tangents of ``saved``, or ``need_jx`` False, ``J ẋ`` is not formed by them and comes
+    back None), else by differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
     if _dual_ok(q, v, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
-        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, *kept,
-                                                                  *(tsaved or (None,) * 4), *tangents)
+        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, need_jx,
+                                                                  *kept, *(tsaved or (None,) * 4), *tangents)
         return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
@@ -222,18 +223,21 @@ class DualForward(_NoThirdOrder):
 
 
 class DualBackward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇, β̇, ḣ0) →
-    (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
+    """``(q, k, v, beta, h0, do, dht, scale, need_jx, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇, β̇,
+    ḣ0) → (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
     ``saved`` and the backward's intermediates for the cotangents ``(do, dht)``; the tangents of the
     gradients are the Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ``. The tangents of ``saved``
-    (``Ṫ, Ẇ, Ḣs, U̇``) may be given (all four), and then ``ȯ, ḣ_T`` come back None; ``ḣ_T`` is None
-    when ``dht`` is."""
+    (``Ṫ, Ẇ, Ḣs, U̇``) may be given (all four), and then ``ȯ, ḣ_T`` come back None, as they do when
+    ``need_jx`` is False (nothing asks for the cotangents of ``do, dht``: the output tangent kernel is
+    skipped); ``ḣ_T`` is None when ``dht`` is."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, do, dht, scale, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU, *tangents):
+    def forward(q, k, v, beta, h0, do, dht, scale, need_jx, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
+                *tangents):
         saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
         if tTi is None:
-            to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents, dht is not None)
+            to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
+                                                need_jx and dht is not None, output=need_jx)
         hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved)
         return hvp + (to, tht)
 

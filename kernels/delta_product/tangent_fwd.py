@@ -161,16 +161,17 @@ def twin(x: Tensor | None) -> Tensor | None:
 
 def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
                       saved: tuple[Tensor, ...], tangents: tuple[Tensor | None, ...], output_final_state: bool,
-                      ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+                      output: bool = True) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, ...]]:
     """The three tangent kernels at the primal forward's ``saved`` (no gate).
 
     Args:
         q, k, v, beta, h0, scale: the inputs of :func:`~kernels.delta_product.chunk_fwd.chunk_fwd` (no gate);
         saved: its ``(Ti, W, Hs, U)``; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)`` like the primals (``ḣ0`` None iff
-        ``h0`` is); output_final_state: also return the final state's tangent.
+        ``h0`` is); output_final_state: also return the final state's tangent; output: also form ``ȯ``
+        (without it, for the tangent backward alone, :func:`out_tangent_kernel` is not launched).
 
     Returns:
-        ``(ȯ, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))``, the last for the dual backward.
+        ``(ȯ or None, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))``, the last for the tangent backward.
     """
     c = launch_config(q, k, v, True)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
@@ -187,6 +188,8 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, N, NC, BK=c["BK"], BV=c["BVS"],
            USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
+    if not output:
+        return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
     warps, _, bvb = tangent_launch(c, "out", q.dtype)
     launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, Hs, U, tq, tk, tHs, tU, to, scale, T,

@@ -131,7 +131,8 @@ def test_tuning_spec_is_validated():
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
-    assert Tuning().tangent_launch("wy", torch.float32) == (8, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
+    assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
+    assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan

@@ -190,19 +190,12 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_dg = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BKB)):
+    for i_k in range(tl.cdiv(K, BKB)):  # dX = Tᵀ dW: in the second loop over K
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_xk = b_k * b_x[:, None]
-        b_dT += mm(b_dw, tl.trans(b_xk), DOT, PREC)
-        b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
+        b_dT += mm(b_dw, tl.trans(b_k * b_x[:, None]), DOT, PREC)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-        if USE_G:
-            b_db += tl.sum(b_dx * b_k, 1) * b_ex
-            b_dg += tl.sum(b_dx * b_xk, 1)
-        else:
-            b_db += tl.sum(b_dx * b_k, 1)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -223,18 +216,26 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     if USE_G:
         b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_dc * b_kk)  # same token: E = 1
         b_dg += tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
+    b_dcs = b_dc + tl.trans(b_dc)  # dK ⊇ (dC + dCᵀ) K
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_dx = mm(tl.trans(b_T), load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), DOT, PREC)
+        b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
+        b_dkk += b_dx * b_x[:, None]
+        b_dkk += mm(b_dcs, b_k, DOT, PREC)
+        store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
+        b_dxk = tl.sum(b_dx * b_k, 1)
+        if USE_G:
+            b_db += b_dxk * b_ex
+            b_dg += b_dxk * b_x
+        else:
+            b_db += b_dxk
+    if USE_G:
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
         own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
         tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
-    for i_k in range(tl.cdiv(K, BKB)):
-        o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_dkk += mm(tl.trans(b_T), b_dw, DOT, PREC) * b_x[:, None]
-        b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
-        store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
 
 
 def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):

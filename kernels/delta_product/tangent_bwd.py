@@ -150,17 +150,21 @@ def dqkw_tangent_kernel(q, k, Hs, dHs, U, dU, dO, tq, tk, tHs, tdHs, tU, tdU, td
 
 
 @triton.jit
-def _wy_block(b_x, b_tx, b_d, b_td, b_beta, b_tbeta, b_T, b_tT, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One column block of ``W = T diag(β) K`` (or ``U₀ = T diag(β) V``) with cotangent ``b_d`` (``dW`` or
-    ``dU``) for ``b_x`` (``K`` or ``V``): the block's terms of ``dT = b_d (diag(β) b_x)ᵀ`` and its tangent,
-    and ``Tᵀ b_d`` with its tangent."""
+def _dT_block(b_x, b_tx, b_d, b_td, b_beta, b_tbeta, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One column block's terms of ``dT = dW (diag(β) K)ᵀ + dU (diag(β) V)ᵀ`` and of its tangent, for
+    ``b_x`` (``K`` or ``V``) with cotangent ``b_d`` (``dW`` or ``dU``)."""
     b_xb = b_x * b_beta[:, None]
     b_dT = mm(b_d, tl.trans(b_xb), DOT, PREC)
     b_tdT = (mm(b_td, tl.trans(b_xb), DOT, PREC)
              + mm(b_d, tl.trans(b_tx * b_beta[:, None] + b_x * b_tbeta[:, None]), DOT, PREC))
+    return b_dT, b_tdT
+
+
+@triton.jit
+def _t_transpose_times(b_T, b_tT, b_d, b_td, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``Tᵀ b_d`` (``dX`` or ``dY``) and its tangent ``Ṫᵀ b_d + Tᵀ ḃ_d``."""
     b_dx = mm(tl.trans(b_T), b_d, DOT, PREC)
-    b_tdx = mm(tl.trans(b_tT), b_d, DOT, PREC) + mm(tl.trans(b_T), b_td, DOT, PREC)
-    return b_dT, b_tdT, b_dx, b_tdx
+    return b_dx, mm(tl.trans(b_tT), b_d, DOT, PREC) + mm(tl.trans(b_T), b_td, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["N", "H"])
@@ -174,23 +178,22 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BKB)):
+    for i_k in range(tl.cdiv(K, BKB)):  # dX = Tᵀ dW and its tangent: in the second loop over K
         o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        dT, tdT, b_dx, b_tdx = _wy_block(b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_beta,
-                                         b_tbeta, b_T, b_tT, DOT, PREC)
+        dT, tdT = _dT_block(load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
+                            load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K),
+                            load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                            load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_beta, b_tbeta, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        b_tdb += tl.sum(b_tdx * b_k + b_dx * b_tk, 1)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
         b_tv = load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-        dT, tdT, b_dy, b_tdy = _wy_block(b_v, b_tv, load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
-                                         load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V), b_beta,
-                                         b_tbeta, b_T, b_tT, DOT, PREC)
+        b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
+        b_tdu = load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
+        dT, tdT = _dT_block(b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT, PREC)
+        b_dy, b_tdy = _t_transpose_times(b_T, b_tT, b_du, b_tdu, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
         b_tdb += tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
@@ -209,17 +212,15 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_tdw = load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_dx = mm(tl.trans(b_T), b_dw, DOT, PREC)
-        b_tdx = mm(tl.trans(b_tT), b_dw, DOT, PREC) + mm(tl.trans(b_T), b_tdw, DOT, PREC)
+        b_dx, b_tdx = _t_transpose_times(b_T, b_tT, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), DOT, PREC)
         b_dak = mm(b_dA, b_k, DOT, PREC)
         b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
         b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_tdkk += b_tdx * b_beta[:, None] + b_dx * b_tbeta[:, None]
         b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
         b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
-        b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
+        b_tdb += tl.sum(b_k * (b_tdx + b_tdak) + b_tk * (b_dx + b_dak), 1)
         store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
     tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
 

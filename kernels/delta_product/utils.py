@@ -26,9 +26,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 #: ``(num_warps, tile as a share of Tuning.tile)`` of each tangent kernel (``tangent_fwd``,
-#: ``tangent_bwd``), the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
+#: ``tangent_bwd``) for 16-bit inputs, the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5)}
+#: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
+#: tiles, ``wy`` at 4 warps
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5)}
 
 
 @dataclass
@@ -117,8 +120,9 @@ class Tuning:
 
     def tangent_launch(self, kernel: str, dtype: torch.dtype) -> tuple[int, int]:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
-        ``warps_dual`` and ``block_dual`` where set, else the table's."""
-        warps, share = TANGENT_LAUNCH[kernel]
+        ``warps_dual`` and ``block_dual`` where set, else the table's for ``dtype`` (:data:`TANGENT_LAUNCH`
+        or :data:`TANGENT_LAUNCH_F32`)."""
+        warps, share = (TANGENT_LAUNCH if dtype.itemsize == 2 else TANGENT_LAUNCH_F32)[kernel]
         return self.warps_dual or warps, self.block_dual or int(self.tile(dtype) * share)
 
     def prep_warps(self, dtype: torch.dtype) -> int:

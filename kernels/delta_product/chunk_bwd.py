@@ -173,14 +173,17 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, K: tl.constexpr,
                   V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                  BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
-                  PREC: tl.constexpr):
+                  BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DX_LATE: tl.constexpr,
+                  DOT: tl.constexpr, PREC: tl.constexpr):
+    """``DX_LATE``: ``dX = Tᵀ dW`` only in the second loop over ``K`` (its ``dβ``, ``dG`` terms there too),
+    else also in the first (for those terms; fewer registers live in the second loop)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_x = b_beta
+    b_ex = tl.full([BT], 1.0, tl.float32)
     if USE_G:
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_ex = tl.exp(g_i)
@@ -189,13 +192,17 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
-    b_dg = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BKB)):  # dX = Tᵀ dW: in the second loop over K
+    b_dg = tl.zeros([BT], dtype=tl.float32)  # dead code without a gate
+    for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dT += mm(b_dw, tl.trans(b_k * b_x[:, None]), DOT, PREC)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+        if not DX_LATE:
+            b_dxk = tl.sum(mm(tl.trans(b_T), b_dw, DOT, PREC) * b_k, 1)
+            b_db += b_dxk * b_ex
+            b_dg += b_dxk * b_x
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -225,12 +232,10 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
         b_dkk += b_dx * b_x[:, None]
         b_dkk += mm(b_dcs, b_k, DOT, PREC)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
-        b_dxk = tl.sum(b_dx * b_k, 1)
-        if USE_G:
+        if DX_LATE:
+            b_dxk = tl.sum(b_dx * b_k, 1)
             b_db += b_dxk * b_ex
             b_dg += b_dxk * b_x
-        else:
-            b_db += b_dxk
     if USE_G:
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
         own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
@@ -288,6 +293,6 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
            dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
-           num_warps=TUNING.warps_wy, **common)
+           DX_LATE=TUNING.wy_dx_late(q.dtype), num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)

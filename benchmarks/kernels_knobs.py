@@ -1,0 +1,79 @@
+"""GPU: launch knobs (``kernels.delta_product.utils.Tuning`` specs) side by side in one process.
+
+For the defaults and each ``--specs`` entry (``DELTA_PRODUCT_TUNING`` format, e.g. ``dx_late=on``), at
+(4, 4096, 16, 128), no gate, for each dtype and ``n_h``: forward+backward time (median of
+``triton.testing.do_bench``), the ratio to the defaults, the per-kernel CUDA times of one
+forward+backward (torch.profiler) and the largest relative difference of the gradients from the
+defaults' (a spec changes the schedule, not the math). Writes ``--json`` into ``--out``.
+
+    python benchmarks/kernels_knobs.py --specs dx_late=on dx_late=off [--dtypes bfloat16 float32]
+        [--nh 3 2 1] [--json kernels_knobs.json] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_common import env_info, kernel_profile, make_inputs, ours, rel
+
+from kernels.delta_product.utils import TUNING
+
+B, T, H, D = 4, 4096, 16, 128
+
+
+def measure(dtype: torch.dtype, n_h: int, specs: list[str]) -> list[dict]:
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, correlated=n_h > 1, seed=n_h)
+    xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
+    do = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
+
+    def fwd_bwd():
+        return torch.autograd.grad(ours(xs, D ** -0.5)[0], list(xs.values()), do)
+
+    rows, base = [], None
+    for spec in ["", *specs]:
+        TUNING.load(spec)
+        grads = fwd_bwd()
+        base = grads if base is None else base
+        ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=200, return_mode="median")
+        rows.append(dict(dtype=str(dtype)[6:], n_h=n_h, spec=spec or "defaults", fwdbwd_ms=ms,
+                         ratio_to_defaults=ms / rows[0]["fwdbwd_ms"] if rows else 1.0,
+                         diff_from_defaults=max(rel(a, b) for a, b in zip(grads, base)),
+                         kernels=kernel_profile(fwd_bwd, reps=3)))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--specs", nargs="+", required=True, help="Tuning specs compared with the defaults")
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1])
+    ap.add_argument("--json", default="kernels_knobs.json", help="file name under --out")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    default = TUNING.spec()
+    try:
+        rows = [r for dt in args.dtypes for n_h in args.nh for r in measure(getattr(torch, dt), n_h, args.specs)]
+    finally:
+        TUNING.load(default)
+    res = dict(env_info(), shape=[B, T, H, D], rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, args.json), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
+    print(f"{'dtype':>8} {'n_h':>3} {'spec':>24} | {'fwd+bwd':>8} {'ratio':>6} {'diff':>8} | largest kernels (ms)")
+    for r in rows:
+        top = ", ".join(f"{k.replace('_kernel', '')} {v:.3f}" for k, v in list(r["kernels"].items())[:3])
+        print(f"{r['dtype']:>8} {r['n_h']:>3} {r['spec']:>24} | {r['fwdbwd_ms']:8.3f} {r['ratio_to_defaults']:5.2f}x "
+              f"{r['diff_from_defaults']:8.1e} | {top}")
+
+
+if __name__ == "__main__":
+    main()

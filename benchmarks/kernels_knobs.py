@@ -1,12 +1,12 @@
 """GPU: launch knobs (``kernels.delta_product.utils.Tuning`` specs) side by side in one process.
 
-For the defaults and each ``--specs`` entry (``DELTA_PRODUCT_TUNING`` format, e.g. ``dx_late=on``), at
+For the defaults and each ``--specs`` entry (``DELTA_PRODUCT_TUNING`` format, e.g. ``wy_late=on``), at
 (4, 4096, 16, 128), no gate, for each dtype and ``n_h``: forward+backward time (median of
 ``triton.testing.do_bench``), the ratio to the defaults, the per-kernel CUDA times of one
 forward+backward (torch.profiler) and the largest relative difference of the gradients from the
 defaults' (a spec changes the schedule, not the math). Writes ``--json`` into ``--out``.
 
-    python benchmarks/kernels_knobs.py --specs dx_late=on dx_late=off [--dtypes bfloat16 float32]
+    python benchmarks/kernels_knobs.py --specs wy_late=on wy_late=off [--dtypes bfloat16 float32]
         [--nh 3 2 1] [--json kernels_knobs.json] [--out DIR]
 """
 from __future__ import annotations

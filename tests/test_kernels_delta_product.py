@@ -99,8 +99,8 @@ def tuned():
     [
         ("inverse=packed,warps_prep=4,bwd_store=f32,block=64", torch.float32, 3, 24, 20),  # the earlier default
         ("inverse=tiles", torch.float32, 3, 24, 20),  # 63-step chunks: a masked row in the last tile
-        ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,dx_late=on", torch.bfloat16, 2, 80, 80),  # other grids
-        ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,dx_late=off", torch.float32, 1, 16, 16),
+        ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on", torch.bfloat16, 2, 80, 80),  # other grids
+        ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72),  # one K / V block
     ],
 )
@@ -127,14 +127,14 @@ def test_tuning_spec_is_validated():
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "dx_late=yes"):  # 16: illegal memory access (float32)
+    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
     assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
     assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
-    assert Tuning().wy_dx_late(torch.float32) and not Tuning().wy_dx_late(torch.bfloat16)
-    assert Tuning().update("dx_late=on").wy_dx_late(torch.bfloat16) and not Tuning().update("dx_late=off").wy_dx_late(torch.float32)
+    assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
+    assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan

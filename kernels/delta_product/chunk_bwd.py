@@ -170,20 +170,41 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
     store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
 
 
+@triton.jit
+def _dx_terms(b_dx, b_k, b_ex, b_x, b_db, b_dg, USE_G: tl.constexpr):
+    """The ``dβ`` and ``dG`` terms of ``dX = Tᵀ dW`` for one key block: ``Σ_d dX ⊙ K`` (times ``e^G``)."""
+    b_dxk = tl.sum(b_dx * b_k, 1)
+    if USE_G:
+        return b_db + b_dxk * b_ex, b_dg + b_dxk * b_x
+    return b_db + b_dxk, b_dg
+
+
+@triton.jit
+def _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH: tl.constexpr, CT: tl.constexpr,
+                 BQ: tl.constexpr, USE_G: tl.constexpr):
+    """``dβ`` per micro-step and, with a gate, ``dG`` per token (the sum over its micro-steps)."""
+    if USE_G:
+        o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+        own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
+        tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
+
+
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, K: tl.constexpr,
                   V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                  BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DX_LATE: tl.constexpr,
+                  BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, LATE: tl.constexpr,
                   DOT: tl.constexpr, PREC: tl.constexpr):
-    """``DX_LATE``: ``dX = Tᵀ dW`` only in the second loop over ``K`` (its ``dβ``, ``dG`` terms there too),
-    else also in the first (for those terms; fewer registers live in the second loop)."""
+    """``LATE`` (``Tuning.wy_late``): ``dX = Tᵀ dW`` only in the second loop over ``K`` (its ``dβ``, ``dG``
+    terms there too) and ``dK ⊇ (dC + dCᵀ) K`` as one product; else ``dX`` also in the first loop (for
+    those terms) and ``dC K + dCᵀ K``."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_x = b_beta
-    b_ex = tl.full([BT], 1.0, tl.float32)
+    b_ex = b_beta  # e^G with a gate (unused without)
     if USE_G:
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_ex = tl.exp(g_i)
@@ -192,17 +213,15 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
-    b_dg = tl.zeros([BT], dtype=tl.float32)  # dead code without a gate
+    b_dg = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dw = load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dT += mm(b_dw, tl.trans(b_k * b_x[:, None]), DOT, PREC)
+        if not LATE:
+            b_db, b_dg = _dx_terms(mm(tl.trans(b_T), b_dw, DOT, PREC), b_k, b_ex, b_x, b_db, b_dg, USE_G)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-        if not DX_LATE:
-            b_dxk = tl.sum(mm(tl.trans(b_T), b_dw, DOT, PREC) * b_k, 1)
-            b_db += b_dxk * b_ex
-            b_dg += b_dxk * b_x
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -223,24 +242,24 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     if USE_G:
         b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_dc * b_kk)  # same token: E = 1
         b_dg += tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
-    b_dcs = b_dc + tl.trans(b_dc)  # dK ⊇ (dC + dCᵀ) K
+    if LATE:
+        b_dcs = b_dc + tl.trans(b_dc)
+    else:
+        _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dx = mm(tl.trans(b_T), load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), DOT, PREC)
         b_dkk = load_rows(dk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_dkk += b_dx * b_x[:, None]
-        b_dkk += mm(b_dcs, b_k, DOT, PREC)
+        if LATE:
+            b_dkk += mm(b_dcs, b_k, DOT, PREC)
+            b_db, b_dg = _dx_terms(b_dx, b_k, b_ex, b_x, b_db, b_dg, USE_G)
+        else:
+            b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
-        if DX_LATE:
-            b_dxk = tl.sum(b_dx * b_k, 1)
-            b_db += b_dxk * b_ex
-            b_dg += b_dxk * b_x
-    if USE_G:
-        o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-        own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
-        tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
-    tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
+    if LATE:
+        _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
 
 
 def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
@@ -293,6 +312,6 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
            dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
-           DX_LATE=TUNING.wy_dx_late(q.dtype), num_warps=TUNING.warps_wy, **common)
+           LATE=TUNING.late_wy(q.dtype), num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)

@@ -68,10 +68,11 @@ class Tuning:
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
             ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
             only, since the gate cotangent cancels terms computed from them).
-        dx_late: where ``wy_bwd`` forms the ``dβ`` (and ``dG``) terms of ``dX = Tᵀ dW``: ``"on"``, only in its
-            second loop over ``K``, where ``dK`` needs ``dX`` anyway; ``"off"``, also in the first loop;
-            ``"f32"`` (default), on for float32 only (float32 ``wy_bwd`` 2.0× faster on an H100, bf16 1.5×
-            slower: ``benchmarks/results/kernels_wy_dx_late.json``).
+        wy_late: the schedule of ``wy_bwd``: ``"on"``, ``dX = Tᵀ dW`` only in its second loop over ``K``
+            (where ``dK`` needs it anyway; its ``dβ``, ``dG`` terms there too) and ``dK ⊇ (dC + dCᵀ) K`` as
+            one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),
+            on for float32 only (on an H100 float32 ``wy_bwd`` takes 2.9 instead of 5.8 ms at n_h = 2,
+            bf16 0.92 instead of 0.60 ms: ``benchmarks/results/kernels_wy_late.json``).
         hvp_tf32: for bf16 inputs, let the float32 matmuls of the second-order (composed) path
             use TF32 on the GPU (``torch.backends.cuda.matmul`` precision, restored afterwards).
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
@@ -105,7 +106,7 @@ class Tuning:
     bk_dqkw: int = 64
     stages: int = 3
     bwd_store: str = "input"
-    dx_late: str = "f32"
+    wy_late: str = "f32"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
@@ -137,9 +138,9 @@ class Tuning:
             return self.warps_prep
         return 2 if dtype.itemsize == 2 else 4
 
-    def wy_dx_late(self, dtype: torch.dtype) -> bool:
-        """Whether ``wy_bwd`` forms the ``dX`` terms in its second loop only (``dx_late``)."""
-        return self.dx_late == "on" or (self.dx_late == "f32" and dtype.itemsize == 4)
+    def late_wy(self, dtype: torch.dtype) -> bool:
+        """Whether ``wy_bwd`` runs the late schedule for ``dtype`` (``wy_late``)."""
+        return self.wy_late == "on" or (self.wy_late == "f32" and dtype.itemsize == 4)
 
     def update(self, spec: str) -> Tuning:
         """Set fields from ``"field=value,field=value"`` (values parsed by the field's type)."""
@@ -156,7 +157,7 @@ class Tuning:
         if self.tangent_min_dim < 0:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("dx_late", ("f32", "on", "off")),
+                              ("wy_late", ("f32", "on", "off")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):

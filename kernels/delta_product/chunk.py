@@ -136,11 +136,14 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.scale = inputs[8]
         ctx.mark_non_differentiable(*output[6:])
+        ctx.set_materialize_grads(False)  # no zeros for missing cotangents and tangents: None, skipped
         ctx.save_for_backward(*inputs[:8], *inputs[9:], *output[6:])
         ctx.save_for_forward(*inputs[:8], *inputs[9:], *output[6:])
 
     @staticmethod
     def backward(ctx, *cot):
+        if all(c is None for c in cot[:6]):
+            return (None,) * 13
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
         gx, ddo, ddht = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, cot[:6],
                                       need_jx=any(ctx.needs_input_grad[6:8]))
@@ -153,8 +156,8 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         q, k, v, beta, G, h0, do, dht, *rest = ctx.saved_tensors
         tsaved = tangents[9:13] if all(t is not None for t in tangents[9:13]) else None
         gx = _second_order(ctx.scale, (q, k, v, beta, G, h0), rest, do, dht, tangents[:6], tsaved)[0]
-        # torch.func hands over zero tensors for cotangents without a tangent; testing them for zero
-        # would synchronize with the device, which cost more than this backward on an H100
+        # a cotangent without a tangent (e.g. the constant c of jvp(grad(⟨c, f⟩))) comes as None, not
+        # zeros (set_materialize_grads(False)), so the primal backward for J^T ċ runs only when needed
         tdo, tdht = tangents[6:8]
         if tdo is not None or tdht is not None:
             tdo = torch.zeros_like(do) if tdo is None else tdo

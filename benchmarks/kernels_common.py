@@ -3,6 +3,7 @@ environment record, parallel pre-compilation)."""
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -90,6 +91,23 @@ def env_info():
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 sm_count=torch.cuda.get_device_properties(0).multi_processor_count, tuning=TUNING.spec())
+
+
+def run_and_save(collect, out: str, name: str, **fields) -> dict:
+    """``collect()`` (a list of result rows) with :data:`TUNING` restored afterwards; writes
+    ``{env_info(), fields, rows}`` to ``out/name``, prints the device line and returns that dict."""
+    default = TUNING.spec()
+    try:
+        rows = collect()
+    finally:
+        TUNING.load(default)
+    res = dict(env_info(), **fields, rows=rows)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  "
+          + "  ".join(f"{k} = {v}" for k, v in fields.items()))
+    return res
 
 
 def _warm_one(cfg):

@@ -29,7 +29,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_check import second_order
-from kernels_common import env_info, hvp_fn, hvp_jvp_fn, make_inputs, ours, rel
+from kernels_common import hvp_fn, hvp_jvp_fn, make_inputs, ours, rel, run_and_save
 
 from kernels.delta_product.utils import TUNING
 
@@ -92,20 +92,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    default = TUNING.spec()
-    try:
-        rows = [row for dtype in args.dtypes for n_h in args.nh
-                for row in measure(n_h, getattr(torch, dtype), ALL_MODES if args.all_modes else MODES[getattr(torch, dtype)])]
-    finally:
-        TUNING.load(default)
-    res = dict(env_info(), shape=[B, T, H, D], rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, args.json), "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
+    res = run_and_save(lambda: [row for dtype in args.dtypes for n_h in args.nh
+                                for row in measure(n_h, getattr(torch, dtype),
+                                                   ALL_MODES if args.all_modes else MODES[getattr(torch, dtype)])],
+                       args.out, args.json, shape=[B, T, H, D])
     print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'fwd+bwd':>7} {'HVP ms':>7} {'ratio':>6} "
           f"{'<g,u> ms':>8} {'ratio':>6} {'jvp ms':>7} {'ratio':>6} | {'jvp diff':>8} {'diff vs first':>13} {'err vs f64':>10}")
-    for r in rows:
+    for r in res['rows']:
         print(f"{r['dtype']:>8} {r['n_h']:>3} {r['mode']:>8} {str(r['hvp_tf32']):>5} | {r['fwdbwd_ms']:7.2f} "
               f"{r['hvp_ms']:7.2f} {r['ratio']:5.2f}x {r['hvp_inner_ms']:8.2f} {r['ratio_inner']:5.2f}x "
               f"{r['hvp_jvp_ms']:7.2f} {r['ratio_jvp']:5.2f}x | "

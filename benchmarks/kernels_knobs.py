@@ -21,7 +21,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import env_info, kernel_profile, make_inputs, ours, rel
+from kernels_common import kernel_profile, make_inputs, ours, rel, run_and_save
 
 from kernels.delta_product.utils import TUNING
 
@@ -58,18 +58,11 @@ def main() -> None:
     ap.add_argument("--json", default="kernels_knobs.json", help="file name under --out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    default = TUNING.spec()
-    try:
-        rows = [r for dt in args.dtypes for n_h in args.nh for r in measure(getattr(torch, dt), n_h, args.specs)]
-    finally:
-        TUNING.load(default)
-    res = dict(env_info(), shape=[B, T, H, D], rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, args.json), "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  (B, T, H, D) = {(B, T, H, D)}")
+    res = run_and_save(lambda: [r for dt in args.dtypes for n_h in args.nh
+                                for r in measure(getattr(torch, dt), n_h, args.specs)],
+                       args.out, args.json, shape=[B, T, H, D])
     print(f"{'dtype':>8} {'n_h':>3} {'spec':>24} | {'fwd+bwd':>8} {'ratio':>6} {'diff':>8} | largest kernels (ms)")
-    for r in rows:
+    for r in res['rows']:
         top = ", ".join(f"{k.replace('_kernel', '')} {v:.3f}" for k, v in list(r["kernels"].items())[:3])
         print(f"{r['dtype']:>8} {r['n_h']:>3} {r['spec']:>24} | {r['fwdbwd_ms']:8.3f} {r['ratio_to_defaults']:5.2f}x "
               f"{r['diff_from_defaults']:8.1e} | {top}")

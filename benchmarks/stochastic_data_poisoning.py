@@ -234,7 +234,7 @@ def main() -> None:
             print(f"| {name} | {t} | {r['epochs']:.1f} | {r['mse']:.2e} | {r['min']:.2e} | {r['max']:.2e} |")
     for t in args.aid_ts:
         print(f"| AID-FP | {t} | {aid_rows[t]['epochs']} | {aid_rows[t]['mse']:.2e} | | |")
-    print(f"log-log slopes of the MSE against t: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()))
+    print("log-log slopes of the MSE against t: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items()))
     print(f"attack: validation accuracy {acc[0]:.3f} -> {acc[-1]:.3f} in {args.attack_steps} steps "
           f"({attack_run['seconds']:.1f} s)")
 

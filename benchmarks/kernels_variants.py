@@ -55,6 +55,7 @@ VARIANTS = {  # name -> DELTA_PRODUCT_TUNING spec; all but `default` use the 16Ã
     "dqkw128": "inverse=tiles,bk_dqkw=128,warps_dqkw=8",
     "mid": "inverse=tiles,bwd_store=input",
     "s2": "inverse=tiles,stages=2",
+    "wy_late": "inverse=tiles,wy_late=on",  # the float32 schedule of wy_bwd, in bf16
 }
 #: kernels whose time decides the fields of a group (per-kernel choice of the best variant)
 GROUPS = [(("prep_kernel",), ("inverse", "prec_inverse", "warps_prep")),
@@ -62,7 +63,7 @@ GROUPS = [(("prep_kernel",), ("inverse", "prec_inverse", "warps_prep")),
           (("out_kernel",), ("warps_out",)),
           (("dv_local_kernel",), ("warps_dv",)),
           (("dqkw_kernel",), ("warps_dqkw", "bk_dqkw")),
-          (("wy_bwd_kernel",), ("warps_wy",))]
+          (("wy_bwd_kernel",), ("warps_wy", "wy_late"))]
 #: fields that touch every kernel: decided by the total fwd+bwd time of a pair of variants
 GLOBAL_PAIRS = [("bwd_store", "w8", "w8_mid"), ("stages", "tiles", "s2"), ("block", "w8", "w8_b128")]
 HVP_VARIANTS = {"default": "", "tf32": "hvp_tf32=1", "kernel_inv": "composed_inverse=kernel",

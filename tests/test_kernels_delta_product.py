@@ -134,6 +134,7 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
     assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
     assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
+    assert not Tuning().tangent_gate and Tuning().update("tangent_gate=1").tangent_gate
     assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan

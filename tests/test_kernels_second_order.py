@@ -230,6 +230,30 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, monkeypatch):
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
 
 
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype", [
+    (70, 1, False, 16, 32, torch.float32),   # two chunks, the second partial
+    (30, 3, True, 24, 20, torch.float32),    # 63 micro-steps per chunk, odd head dims
+    (40, 2, True, 32, 16, torch.bfloat16),
+])
+def test_gated_jvp_by_the_tangent_forward(T, n_h, h0, K, V, dtype, monkeypatch):
+    """``TUNING.tangent_gate``: ``torch.func.jvp`` of gated inputs (a tangent for ``g`` too) by the tangent
+    forward kernels, against the float64 recurrence with poisoned buffers; the double backward stays
+    composed (all orders checked)."""
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    monkeypatch.setattr(TUNING, "tangent_gate", True)
+    calls = []
+    tangent_fwd = chunk_module.chunk_fwd_tangent
+    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent",
+                        lambda *a, **kw: calls.append(kw.get("gate") is not None) or tangent_fwd(*a, **kw))
+    x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
+
+    def kernel(**a):
+        return chunk_delta_product(**a, output_final_state=True, scale=0.8)
+
+    _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
+    assert calls == [True]  # the one jvp of _all_orders ran the gated tangent forward
+
+
 @pytest.mark.parametrize("gate", [False, True])
 def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     """``torch.func.jvp(grad(ℓ))`` (the backward Function's ``jvp``) and ``torch.func.vjp(grad(ℓ))``

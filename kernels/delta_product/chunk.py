@@ -113,10 +113,13 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         *primals, Ti, W, Hs, U = ctx.saved_tensors
-        if _dual_ok(primals[0], primals[2], primals[4]):
-            q, k, v, beta, _, h0 = primals
+        q, k, v, beta, G, h0 = primals
+        if _tangent_ok(q, v) and (G is None or TUNING.tangent_gate):
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
-            return DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, *tangents)
+            tG = None if G is None else _filled((G,), (dG,))[0]
+            out = DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
+            # with a gate the intermediates are non-differentiable (the tangent backward has no gate terms)
+            return out if G is None else out[:2] + (None,) * 4
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
         return do.to(primals[0].dtype), dht, None, None, None, None
@@ -215,13 +218,14 @@ class _NoThirdOrder(torch.autograd.Function):
 
 
 class DualForward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, scale, Ti, W, Hs, U, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T, Ṫ, Ẇ, Ḣs, U̇)``: the
+    """``(q, k, v, beta, h0, scale, Ti, W, Hs, U, G, Ġ, q̇, k̇, v̇, β̇, ḣ0) → (ȯ, ḣ_T, Ṫ, Ẇ, Ḣs, U̇)``: the
     tangent of the operator (``J ẋ``) and of ``saved = (Ti, W, Hs, U)`` by the tangent kernels at
-    ``saved`` (no gate; ``ḣ0`` None iff ``h0`` is)."""
+    ``saved`` (``G``, ``Ġ`` None without a gate; ``ḣ0`` None iff ``h0`` is)."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, scale, Ti, W, Hs, U, *tangents):
-        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True)
+    def forward(q, k, v, beta, h0, scale, Ti, W, Hs, U, G, tG, *tangents):
+        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True,
+                                            gate=None if G is None else (G, tG))
         return (to, tht) + tsaved
 
 
@@ -245,10 +249,16 @@ class DualBackward(_NoThirdOrder):
         return hvp + (to, tht)
 
 
+def _tangent_ok(q: Tensor, v: Tensor) -> bool:
+    """The tangent kernels are in use: ``hvp_mode = "dual"`` and head dims of at least
+    ``TUNING.tangent_min_dim``."""
+    return TUNING.hvp_mode == "dual" and min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim
+
+
 def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:
-    """The tangent kernels serve forward mode and the double backward: no gate, ``hvp_mode = "dual"``
-    and head dims of at least ``TUNING.tangent_min_dim``."""
-    return G is None and TUNING.hvp_mode == "dual" and min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim
+    """The tangent kernels serve forward mode and the double backward: no gate and :func:`_tangent_ok`
+    (forward mode of gated inputs: also with ``TUNING.tangent_gate``)."""
+    return G is None and _tangent_ok(q, v)
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -172,7 +172,7 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
                           K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                           BKB: tl.constexpr, BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``."""
-    i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+    i_h, i_bh, o_i, n_i, m_i, _, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)

@@ -1,5 +1,9 @@
-"""Tangent of the chunked DeltaProduct forward (forward mode, no gate): three Triton kernels that read
-the primal forward's ``saved = (Ti, W, Hs, U)`` instead of recomputing it.
+"""Tangent of the chunked DeltaProduct forward (forward mode): three Triton kernels that read the
+primal forward's ``saved = (Ti, W, Hs, U)`` instead of recomputing it.
+
+Written here without the gate; with one (``G`` the chunk-local cumulative log gate, ``Ġ`` its tangent)
+each factor ``e^{G_a − G_b}`` (in ``A``, ``X = diag(β e^G) K``, the decays, ``M``) adds its tangent
+``(Ġ_a − Ġ_b) e^{G_a − G_b}`` (the kernels' docstrings).
 
 For tangents ``(q̇, k̇, v̇, β̇, ḣ0)`` of the inputs, with ``X = diag(β) K``, ``Y = diag(β) V``:
 
@@ -12,8 +16,8 @@ For tangents ``(q̇, k̇, v̇, β̇, ḣ0)`` of the inputs, with ``X = diag(β) 
    ``P = Q Kᵀ``, ``Ṗ = Q̇ Kᵀ + Q K̇ᵀ``.
 
 The primal is not recomputed: a Jacobian-vector product costs these three kernels on top of the
-forward whose ``saved`` they read, and :func:`~kernels.delta_product.chunk_bwd.chunk_bwd` in dual
-numbers takes their ``(Ṫ, Ẇ, Ḣs, U̇)``.
+forward whose ``saved`` they read, and :func:`~kernels.delta_product.tangent_bwd.chunk_bwd_tangent`
+takes their ``(Ṫ, Ẇ, Ḣs, U̇)`` (no gate).
 """
 from __future__ import annotations
 
@@ -23,21 +27,32 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config
-from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
+from kernels.delta_product.common import (
+    causal_mask,
+    chunk_gate_end,
+    load_rows,
+    masked_exp,
+    mm,
+    scan_program,
+    steps,
+    store_rows,
+    tokens,
+)
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 
 @triton.jit
 def step_chunk(beta, tbeta, N, H, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr):
     """A per-chunk program over micro-steps (grid: chunk, batch·head): head, batch·head, the chunk's
-    steps (``steps``), their rows of ``[B·N, H]``, and ``β``, ``β̇`` there (float32)."""
+    steps (``steps``: offsets, indices, validity, tokens), their rows of ``[B·N, H]``, and ``β``, ``β̇``
+    there (float32)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
     b_beta = tl.load(beta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
     b_tbeta = tl.load(tbeta + rows * H + i_h, mask=m_i, other=0.0).to(tl.float32)
-    return i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta
+    return i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta
 
 
 @triton.jit
@@ -48,11 +63,21 @@ def _t_times(b_T, b_tT, b_x, b_tx, b_beta, b_tbeta, DOT: tl.constexpr, PREC: tl.
             + mm(b_T, b_tx * b_beta[:, None] + b_x * b_tbeta[:, None], DOT, PREC))
 
 
-@triton.jit(do_not_specialize=["N", "H"])
-def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl.constexpr, V: tl.constexpr,
-                        NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
-                        BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_T: tl.constexpr):
-    i_h, i_bh, o_i, n_i, m_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+@triton.jit
+def gate_at(G, tG, i_b, i_h, tok, m, T, H):
+    """``G`` and its tangent ``Ġ`` at the tokens ``tok`` (zero where ``m`` is False)."""
+    p = G + (i_b * T + tok) * H + i_h
+    return tl.load(p, mask=m, other=0.0), tl.load(tG + (i_b * T + tok) * H + i_h, mask=m, other=0.0)
+
+
+@triton.jit(do_not_specialize=["T", "N", "H"])
+def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, H, K: tl.constexpr,
+                        V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
+                        BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                        PREC_T: tl.constexpr):
+    """With a gate, ``A ⊙ E`` (``E_ij = e^{G_i − G_j}``) adds ``A ⊙ (Ġ_i − Ġ_j)`` to ``Ȧ``, and ``X`` has the
+    row factor ``f = β e^G``, ``ḟ = (β̇ + β Ġ) e^G``."""
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # K̇ Kᵀ
     for i_k in range(tl.cdiv(K, BKB)):
@@ -61,14 +86,22 @@ def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
         b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
-    b_tA = tl.where(m_A, b_kk * b_tbeta[:, None] + (b_tkk + tl.trans(b_tkk)) * b_beta[:, None], 0.0)
+    b_tA = b_kk * b_tbeta[:, None] + (b_tkk + tl.trans(b_tkk)) * b_beta[:, None]
+    b_f, b_tf = b_beta, b_tbeta  # X = diag(f) K with f = β e^G, and ḟ
+    if USE_G:  # A ⊙ E, E_ij = e^{G_i − G_j}: Ȧ gains A ⊙ (Ġ_i − Ġ_j)
+        b_g, b_tg = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
+        b_tA = (b_tA + b_kk * b_beta[:, None] * (b_tg[:, None] - b_tg[None, :])) * masked_exp(
+            b_g[:, None] - b_g[None, :], m_A)
+        b_f = b_beta * tl.exp(b_g)
+        b_tf = (b_tbeta + b_beta * b_tg) * tl.exp(b_g)
+    b_tA = tl.where(m_A, b_tA, 0.0)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = -tl.dot(b_T, tl.dot(b_tA, b_T, input_precision=PREC_T), input_precision=PREC_T)
     store_rows(tTi + i_bh * N * BT, b_tT, n_i, m_i, BT, o_i, o_i < BT)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_tw = _t_times(b_T, b_tT, load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
-                        load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), b_beta, b_tbeta, DOT, PREC)
+                        load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         store_rows(tW + i_bh * N * K, b_tw, n_i, m_i, K, o_k, o_k < K)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
@@ -78,13 +111,14 @@ def prep_tangent_kernel(k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, H, K: tl
 
 
 @triton.jit
-def _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v, H,
+def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H,
              K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``."""
+             USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``; with a gate
+    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``."""
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
     b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
             - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
@@ -92,15 +126,23 @@ def _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC
     store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    if USE_G:
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
+        tg_l = chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+        b_e = tl.exp(g_l - g_i)[:, None]
+        b_tk = (b_tk + b_k * (tg_l - tg_i)[:, None]) * b_e
+        b_k = b_k * b_e
+        b_th = (b_th + b_h * tg_l) * tl.exp(g_l)
     b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
 
 
-@triton.jit(do_not_specialize=["N", "NC", "H", "USE_H0", "STORE_HT"])
-def scan_h_tangent_kernel(k, W, Hs, U, tk, tW, tU0, tH0, tHs, tU, tHT, N, NC, H, K: tl.constexpr,
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
+def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, K: tl.constexpr,
                           V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
-                          PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT,
+                          DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_th = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
@@ -108,24 +150,27 @@ def scan_h_tangent_kernel(k, W, Hs, U, tk, tW, tU0, tH0, tHs, tU, tHT, N, NC, H,
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = 0
         while i_c < NC:
-            b_th = _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v,
-                            H, K, V, NH, CT, BT, DOT, PREC)
+            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
-            b_th = _th_step(k, W, Hs, U, tk, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, N, NC, o_k, m_k, o_v, m_v,
-                            H, K, V, NH, CT, BT, DOT, PREC)
+            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
     if STORE_HT > 0:
         store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H"])
-def out_tangent_kernel(q, k, Hs, U, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
-                       NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC, H, K: tl.constexpr,
+                       V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr):
+    """With a gate ``Ȯ`` gains ``Ġ_t`` times the state part (``Q̇ + diag(Ġ_q) Q`` in place of ``Q̇``,
+    then ``diag(e^{G_q})``) and ``P ⊙ M ⊙ (Ġ_t − Ġ_i)`` in ``Ṗ``."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -137,12 +182,21 @@ def out_tangent_kernel(q, k, Hs, U, tq, tk, tHs, tU, tO, scale, T, N, NC, H, K: 
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    b_s = tl.where(m_s, mm(b_q, tl.trans(b_k), DOT, PREC), 0.0)
-    b_ts = tl.where(m_s, mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), 0.0)
+    b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
+    b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
+    if USE_G:
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        b_e = masked_exp(g_t[:, None] - g_i[None, :], m_s)
+        b_ts = (b_ts + b_s * (tg_t[:, None] - tg_i[None, :])) * b_e
+        b_s = b_s * b_e
+        b_tq += b_q * tg_t[:, None]
     b_to = mm(b_tq, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
     b_to += mm(b_q, load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
-    b_to += mm(b_ts, load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
-    b_to += mm(b_s, load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
+    if USE_G:
+        b_to = b_to * tl.exp(g_t)[:, None]
+    b_to += mm(tl.where(m_s, b_ts, 0.0), load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
+    b_to += mm(tl.where(m_s, b_s, 0.0), load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
     store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
@@ -161,37 +215,42 @@ def twin(x: Tensor | None) -> Tensor | None:
 
 def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
                       saved: tuple[Tensor, ...], tangents: tuple[Tensor | None, ...], output_final_state: bool,
-                      output: bool = True) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, ...]]:
-    """The three tangent kernels at the primal forward's ``saved`` (no gate).
+                      output: bool = True, gate: tuple[Tensor, Tensor] | None = None,
+                      ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, ...]]:
+    """The three tangent kernels at the primal forward's ``saved``.
 
     Args:
-        q, k, v, beta, h0, scale: the inputs of :func:`~kernels.delta_product.chunk_fwd.chunk_fwd` (no gate);
+        q, k, v, beta, h0, scale: the inputs of :func:`~kernels.delta_product.chunk_fwd.chunk_fwd`;
         saved: its ``(Ti, W, Hs, U)``; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)`` like the primals (``ḣ0`` None iff
         ``h0`` is); output_final_state: also return the final state's tangent; output: also form ``ȯ``
-        (without it, for the tangent backward alone, :func:`out_tangent_kernel` is not launched).
+        (without it, for the tangent backward alone, :func:`out_tangent_kernel` is not launched);
+        gate: ``(G, Ġ)``, the chunk-local cumulative log gate ``[B, T, H]`` float32 and its tangent, or
+        None without a gate.
 
     Returns:
         ``(ȯ or None, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))``, the last for the tangent backward.
     """
     c = launch_config(q, k, v, True)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
-    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
+    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, USE_G=gate is not None, DOT=c["DOT"],
+                  PREC=c["PREC"])
+    G, tG = gate if gate is not None else (beta, beta)  # placeholders, not read without a gate
     Ti, W, Hs, U = saved
     tq, tk, tv, tbeta, th0 = tangents
     tTi, tW, tU0 = twin(Ti), twin(W), alloc(B, H, N, V, device=q.device, dtype=q.dtype)
     warps, bkb, bvb = tangent_launch(c, "prep", q.dtype)
-    launch(prep_tangent_kernel, (NC, B * H), k, v, beta, Ti, tk, tv, tbeta, tTi, tW, tU0, N, BKB=bkb, BVB=bvb,
-           PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
+    launch(prep_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, BKB=bkb,
+           BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, W, Hs, U, tk, tW, tU0,
-           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, N, NC, BK=c["BK"], BV=c["BVS"],
+    launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
+           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
            USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
     warps, _, bvb = tangent_launch(c, "out", q.dtype)
-    launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, Hs, U, tq, tk, tHs, tU, to, scale, T,
-           N, NC, BQ=c["BQ"], BK=c["BK"], BV=bvb, num_warps=warps, **common)
+    launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, G, Hs, U, tq, tk, tG, tHs, tU, to, scale,
+           T, N, NC, BQ=c["BQ"], BK=c["BK"], BV=bvb, num_warps=warps, **common)
     return to, tht, (tTi, tW, tHs, tU)

@@ -73,6 +73,9 @@ class Tuning:
             one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),
             on for float32 only (on an H100 float32 ``wy_bwd`` takes 2.9 instead of 5.8 ms at n_h = 2,
             bf16 0.92 instead of 0.60 ms: ``benchmarks/results/kernels_wy_late.json``).
+        tangent_gate: forward mode (``torch.func.jvp``) of gated inputs by the tangent forward kernels
+            (with ``hvp_mode = "dual"``); off: the composed form's. Checked on the CPU interpreter only
+            so far, hence off by default. The double backward of gated inputs stays composed.
         hvp_tf32: for bf16 inputs, let the float32 matmuls of the second-order (composed) path
             use TF32 on the GPU (``torch.backends.cuda.matmul`` precision, restored afterwards).
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
@@ -111,6 +114,7 @@ class Tuning:
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
     tangent_min_dim: int = 64
+    tangent_gate: bool = False
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and

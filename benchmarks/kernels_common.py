@@ -150,13 +150,14 @@ def hvp_fn(x: dict, do, vs=None, scale=1.0, inner: bool = False):
     ins = {n: t for n, t in x.items() if t is not None}
     xs = list(ins.values())
     vs = [torch.randn_like(t) for t in xs] if vs is None else vs
+    us = [v.to(t.dtype) for t, v in zip(xs, vs)]  # grad_outputs in the gradients' dtypes, cast once
 
     def hv():
         o, _ = ours(ins, scale)
         gs = torch.autograd.grad(o, xs, do, create_graph=True)
         if inner:
             return torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs, vs)), xs)
-        return torch.autograd.grad(gs, xs, [v.to(g.dtype) for g, v in zip(gs, vs)])
+        return torch.autograd.grad(gs, xs, us)
 
     return hv
 

@@ -32,6 +32,18 @@ def _poison(monkeypatch):
     monkeypatch.setattr(TUNING, "tangent_min_dim", 0)  # the tangent kernels at the small test head dims
 
 
+def _spy(monkeypatch, module, name: str, calls: list, record=None) -> None:
+    """Wrap ``module.name`` so that each call first appends ``record(*args, **kwargs)`` (default: ``name``)
+    to ``calls``."""
+    fn = getattr(module, name)
+
+    def spy(*a, **kw):
+        calls.append(name if record is None else record(*a, **kw))
+        return fn(*a, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+
+
 def _loop_scan(a, X, Y, B, h0, C, reverse):
     """``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c) + C_c`` (mirrored for ``reverse``), a PyTorch loop."""
     n = X.shape[1]
@@ -242,9 +254,7 @@ def test_gated_jvp_by_the_tangent_forward(T, n_h, h0, K, V, dtype, monkeypatch):
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     calls = []
-    tangent_fwd = chunk_module.chunk_fwd_tangent
-    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent",
-                        lambda *a, **kw: calls.append(kw.get("gate") is not None) or tangent_fwd(*a, **kw))
+    _spy(monkeypatch, chunk_module, "chunk_fwd_tangent", calls, lambda *a, **kw: kw.get("gate") is not None)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
 
     def kernel(**a):
@@ -275,8 +285,7 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
 
     _, h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))
     calls = []
-    tangent_fwd = chunk_module.chunk_fwd_tangent
-    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a, **kw: calls.append(1) or tangent_fwd(*a, **kw))
+    _spy(monkeypatch, chunk_module, "chunk_fwd_tangent", calls)
     _, h_fwd = torch.func.jvp(grad(chunk_delta_product), xs, vs)
     # the backward's jvp reuses the forward's tangents of the saved intermediates: one tangent forward
     assert len(calls) == (0 if gate else 1)
@@ -305,8 +314,7 @@ def test_jvp_of_grad_of_a_linear_loss_runs_one_tangent_forward(monkeypatch):
     h64 = torch.func.jvp(grad(delta_product_recurrent), tuple(t.double() for t in xs), tuple(t.double() for t in vs))[1]
     calls = []
     for name in ("chunk_bwd", "chunk_fwd_tangent", "chunk_bwd_tangent"):
-        fn = getattr(chunk_module, name)
-        monkeypatch.setattr(chunk_module, name, lambda *a, fn=fn, name=name, **kw: calls.append(name) or fn(*a, **kw))
+        _spy(monkeypatch, chunk_module, name, calls)
     h = torch.func.jvp(grad(chunk_delta_product), xs, vs)[1]
     assert sorted(calls) == ["chunk_bwd", "chunk_bwd_tangent", "chunk_fwd_tangent"], calls
     errs = {n: rel_err(a.double(), b) for n, a, b in zip(names, h, h64)}
@@ -323,9 +331,7 @@ def test_double_backward_forms_the_output_tangent_only_for_cotangents_that_need_
 
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     launched = []
-    launch = tangent_fwd_module.launch
-    monkeypatch.setattr(tangent_fwd_module, "launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(
-        kernel, *a, **kw))
+    _spy(monkeypatch, tangent_fwd_module, "launch", launched, lambda kernel, *a, **kw: kernel)
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=False, initial_state=True, correlated=True, seed=8)
     names = [n for n in ARGS if x[n] is not None]
     xs64 = tuple(x[n].double() for n in names)
@@ -362,8 +368,7 @@ def test_small_heads_take_the_composed_second_order(monkeypatch):
     kernel runs), and still the float64 Hessian-vector product."""
     monkeypatch.setattr(TUNING, "tangent_min_dim", 32)
     calls = []
-    tangent_fwd = chunk_module.chunk_fwd_tangent
-    monkeypatch.setattr(chunk_module, "chunk_fwd_tangent", lambda *a, **kw: calls.append(1) or tangent_fwd(*a, **kw))
+    _spy(monkeypatch, chunk_module, "chunk_fwd_tangent", calls)
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=32, gate=False, initial_state=True, correlated=True, seed=6)
     _all_orders(lambda **a: chunk_delta_product(**a, output_final_state=True, scale=0.8), x, 2e-5, torch.float32)
     assert not calls

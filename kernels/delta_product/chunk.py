@@ -257,7 +257,7 @@ def _tangent_ok(q: Tensor, v: Tensor) -> bool:
 
 def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:
     """The tangent kernels serve forward mode and the double backward: no gate and :func:`_tangent_ok`
-    (forward mode of gated inputs: also with ``TUNING.tangent_gate``)."""
+    (gated inputs: forward mode only, with ``TUNING.tangent_gate``, in ``ChunkDeltaProductFunction.jvp``)."""
     return G is None and _tangent_ok(q, v)
 
 

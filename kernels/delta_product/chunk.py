@@ -4,13 +4,15 @@ backward; the composed differentiable form for everything else.
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
   the tangent kernels of :mod:`~kernels.delta_product.tangent_fwd` at the forward's saved
-  intermediates (``TUNING.hvp_mode = "dual"``, the default; no gate), else forward mode through
+  intermediates (``TUNING.hvp_mode = "dual"``, the default; with a gate only under
+  ``TUNING.tangent_gate``), else forward mode through
   :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
   Hessian-vector products) and ``jvp`` are forward-over-reverse by the tangent kernels: with
   ``x + ε ẋ`` as input, the tangents of the outputs are ``J ẋ`` and of the gradients
   ``∇²⟨f, (do, dht)⟩ ẋ``, computed at the saved primal intermediates of the forward and of the
-  backward, which are not recomputed. Otherwise (a gate, or ``hvp_mode`` ``"rev_rev"`` /
+  backward, which are not recomputed. Otherwise (a gate without ``TUNING.tangent_gate``, head dims below
+  ``TUNING.tangent_min_dim``, or ``hvp_mode`` ``"rev_rev"`` /
   ``"fwd_rev"``) it is the second derivative of the composed form, reverse-over-reverse or
   forward-over-reverse, whose only sequential part is the low-rank
   :func:`~kernels.delta_product.scan.chunk_scan`.
@@ -114,12 +116,10 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         *primals, Ti, W, Hs, U = ctx.saved_tensors
         q, k, v, beta, G, h0 = primals
-        if _tangent_ok(q, v) and (G is None or TUNING.tangent_gate):
+        if _dual_ok(q, v, G):
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             tG = None if G is None else _filled((G,), (dG,))[0]
-            out = DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
-            # with a gate the intermediates are non-differentiable (the tangent backward has no gate terms)
-            return out if G is None else out[:2] + (None,) * 4
+            return DualForward.apply(q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
         return do.to(primals[0].dtype), dht, None, None, None, None
@@ -180,9 +180,10 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
     q, k, v, beta, G, h0 = primals
     if _dual_ok(q, v, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
-        tdq, tdk, tdv, tdbeta, tdh0, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, need_jx,
-                                                                  *kept, *(tsaved or (None,) * 4), *tangents)
-        return (tdq, tdk, tdv, tdbeta, None, tdh0), to, tht
+        tG = None if G is None else _filled((G,), dirs[4:5])[0]
+        *hvp, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, *kept,
+                                           *(tsaved or (None,) * 4), *tangents)
+        return tuple(hvp), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
     if not had_dht:
@@ -230,22 +231,24 @@ class DualForward(_NoThirdOrder):
 
 
 class DualBackward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, do, dht, scale, need_jx, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇, β̇,
-    ḣ0) → (H ẋ for q, k, v, β, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
+    """``(q, k, v, beta, h0, do, dht, scale, need_jx, G, Ġ, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇,
+    β̇, ḣ0) → (H ẋ for q, k, v, β, G, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
     ``saved`` and the backward's intermediates for the cotangents ``(do, dht)``; the tangents of the
-    gradients are the Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ``. The tangents of ``saved``
+    gradients are the Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ`` (``G``, ``Ġ`` and the ``G`` entry
+    None without a gate). The tangents of ``saved``
     (``Ṫ, Ẇ, Ḣs, U̇``) may be given (all four), and then ``ȯ, ḣ_T`` come back None, as they do when
     ``need_jx`` is False (nothing asks for the cotangents of ``do, dht``: the output tangent kernel is
     skipped); ``ḣ_T`` is None when ``dht`` is."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, do, dht, scale, need_jx, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
+    def forward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
                 *tangents):
         saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
+        gate = None if G is None else (G, tG)
         if tTi is None:
             to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
-                                                need_jx and dht is not None, output=need_jx)
-        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved)
+                                                need_jx and dht is not None, output=need_jx, gate=gate)
+        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate)
         return hvp + (to, tht)
 
 
@@ -256,9 +259,9 @@ def _tangent_ok(q: Tensor, v: Tensor) -> bool:
 
 
 def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:
-    """The tangent kernels serve forward mode and the double backward: no gate and :func:`_tangent_ok`
-    (gated inputs: forward mode only, with ``TUNING.tangent_gate``, in ``ChunkDeltaProductFunction.jvp``)."""
-    return G is None and _tangent_ok(q, v)
+    """The tangent kernels serve forward mode and the double backward: :func:`_tangent_ok`, and no gate or
+    ``TUNING.tangent_gate``."""
+    return _tangent_ok(q, v) and (G is None or TUNING.tangent_gate)
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -105,6 +105,26 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K
         store_rows(dH0 + i_bh * K * V, b_dh, o_k, m_k, V, o_v, m_v)
 
 
+@triton.jit
+def own_tokens(o_i, m_i, o_t, i_c, T, NH: tl.constexpr, CT: tl.constexpr):
+    """``[BQ, BT]``: micro-step ``i`` belongs to token ``t``; and the local index of the chunk's last real token."""
+    return (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :], tl.minimum(CT, T - i_c * CT) - 1
+
+
+@triton.jit
+def gate_cotangent(a_t, b_pp, b_kk, c_l, own, o_t, t_last):
+    """One key block's part of ``dG`` per token from the terms of chunk ``i_c``: ``a_t = e^{G_t} Σ_d (dO Sᵀ ⊙ Q)``
+    per token, ``b_pp = dP ⊙ P ⊙ E`` (zero within a token), ``b_kk = Σ_d (U dS_{c+1}ᵀ ⊙ K̃)`` per micro-step (zero
+    at the last token) and ``c_l = e^{G_L} Σ (S_c ⊙ dS_{c+1})``: ``G_t`` gets ``a_t + Σ_i b_pp``, micro-step ``i``
+    ``−Σ_t b_pp − b_kk`` (summed into its token) and ``G_L`` ``c_l + Σ_i b_kk``. Linear in the four terms, so
+    their tangents give the tangent of ``dG``."""
+    dg_t = a_t + tl.sum(b_pp, 1)
+    dg_i = -tl.sum(b_pp, 0) - b_kk
+    dg_l = c_l + tl.sum(b_kk, 0)
+    dg_t += tl.sum(tl.where(own, dg_i[None, :], 0.0), 1)
+    return dg_t + tl.where(o_t == t_last, dg_l, 0.0)
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
@@ -151,15 +171,11 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
         b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC) + b_dkt * tl.exp(g_l - g_i)[:, None]
         # partial (this key block) gate cotangents, per token; factors e^{G_a − G_b} with a and b
         # in one token are identically 1 and are left out (their terms would cancel in rounding)
-        own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
+        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
         b_dpp = tl.where(own, 0.0, b_dpm * mm(b_q, tl.trans(b_k), DOT, PREC))  # dP ⊙ P, this key block
-        t_last = tl.minimum(CT, T - i_c * CT) - 1
         b_dkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_dkt * b_kt, 1))
-        dg_t = tl.exp(g_t) * tl.sum(b_dqa * b_q, 1) + tl.sum(b_dpp, 1)
-        dg_i = -tl.sum(b_dpp, 0) - b_dkk
-        dg_l = tl.exp(g_l) * tl.sum(b_hdh, 0) + tl.sum(b_dkk, 0)
-        dg_t += tl.sum(tl.where(own, dg_i[None, :], 0.0), 1)
-        dg_t += tl.where(o_t == t_last, dg_l, 0.0)
+        dg_t = gate_cotangent(tl.exp(g_t) * tl.sum(b_dqa * b_q, 1), b_dpp, b_dkk, tl.exp(g_l) * tl.sum(b_hdh, 0),
+                              own, o_t, t_last)
         tl.store(dG + ((i_kb * B + i_b) * T + t_t) * H + i_h, dg_t, mask=m_t)
     else:
         b_dpm = tl.where(m_s, b_dp, 0.0)
@@ -180,12 +196,12 @@ def _dx_terms(b_dx, b_k, b_ex, b_x, b_db, b_dg, USE_G: tl.constexpr):
 
 
 @triton.jit
-def _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH: tl.constexpr, CT: tl.constexpr,
+def store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH: tl.constexpr, CT: tl.constexpr,
                  BQ: tl.constexpr, USE_G: tl.constexpr):
     """``dβ`` per micro-step and, with a gate, ``dG`` per token (the sum over its micro-steps)."""
     if USE_G:
         o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-        own = (o_i[None, :] // NH == o_t[:, None]) & m_i[None, :]
+        own = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)[0]
         tl.store(dG + (i_b * T + t_t) * H + i_h, tl.sum(tl.where(own, b_dg[None, :], 0.0), 1), mask=m_t)
     tl.store(dbeta + rows * H + i_h, b_db, mask=m_i)
 
@@ -245,7 +261,7 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     if LATE:
         b_dcs = b_dc + tl.trans(b_dc)
     else:
-        _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
+        store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -259,7 +275,7 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
             b_dkk += mm(b_dc, b_k, DOT, PREC) + mm(tl.trans(b_dc), b_k, DOT, PREC)
         store_rows(dk + i_h * K, b_dkk, rows, m_i, H * K, o_k, o_k < K)
     if LATE:
-        _store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
+        store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
 
 
 def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):

@@ -1,5 +1,9 @@
-"""Tangent of the chunked DeltaProduct backward (no gate): four Triton kernels that read the primal
-backward's intermediates ``(dU, dHs, dW)`` instead of recomputing them.
+"""Tangent of the chunked DeltaProduct backward: four Triton kernels that read the primal backward's
+intermediates ``(dU, dHs, dW)`` instead of recomputing them.
+
+Written here without the gate; with one, each factor ``e^{G_a − G_b}`` of the primal backward adds its
+tangent ``(Ġ_a − Ġ_b) e^{G_a − G_b}`` and the gate's cotangent ``dG`` gets its own tangent (the kernels'
+docstrings).
 
 For tangents ``ẋ`` of the inputs and ``(Ṫ, Ẇ, Ḣs, U̇)`` of the forward's ``saved``
 (:func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent`), with the cotangents ``(dO, dS_T)``
@@ -12,7 +16,7 @@ held fixed, the tangents of the gradients are the Hessian-vector product ``∇²
    by the product rule on ``dQ = dO Sᵀ + (dP ⊙ M) K``, ``dP = dO Uᵀ``,
    ``dK ⊇ (dP ⊙ M)ᵀ Q + U dS_{c+1}ᵀ``.
 4. :func:`wy_bwd_tangent_kernel` (parallel): the tangents of ``dX = Tᵀ dW``, ``dY = Tᵀ dU``,
-   ``dA = −Tᵀ (dW Xᵀ + dU Yᵀ) Tᵀ`` (strictly lower) and then of ``dK, dV, dβ``.
+   ``dA = −Tᵀ (dW Xᵀ + dU Yᵀ) Tᵀ`` (strictly lower) and then of ``dK, dV, dβ`` (and ``dG``).
 """
 from __future__ import annotations
 
@@ -22,16 +26,19 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config
+from kernels.delta_product.chunk_bwd import gate_cotangent, own_tokens, store_db_dg
 from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
-from kernels.delta_product.tangent_fwd import step_chunk, tangent_launch
+from kernels.delta_product.tangent_fwd import decayed_keys, gate_at, gate_pair, step_chunk, tangent_launch
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 
 @triton.jit
-def _p_tangent(q, k, tq, tk, scale, i_c, i_b, i_h, T, N, H, K: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-               BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``Ṗ ⊙ M`` of chunk ``i_c``: ``[BQ, BT]``, token rows, micro-step columns."""
-    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+def _p_tangent(q, k, G, tq, tk, tG, scale, i_c, i_b, i_h, T, N, H, K: tl.constexpr, NH: tl.constexpr,
+               CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr,
+               DOT: tl.constexpr, PREC: tl.constexpr):
+    """The tangent of ``P ⊙ M`` (``⊙ E``, ``E_ti = e^{G_t − G_i}``, with a gate) of chunk ``i_c``: ``[BQ, BT]``,
+    token rows, micro-step columns."""
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -40,18 +47,24 @@ def _p_tangent(q, k, tq, tk, scale, i_c, i_b, i_h, T, N, H, K: tl.constexpr, NH:
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
-    return tl.where(causal_mask(o_t, m_t, o_i, m_i, NH), b_ts, 0.0)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    if USE_G:
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        _, b_ts = gate_pair(mm(b_q, tl.trans(b_k), DOT, PREC), b_ts, g_t, tg_t, g_i, tg_i, m_s)
+    return tl.where(m_s, b_ts, 0.0)
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def dv_local_tangent_kernel(q, k, dO, tq, tk, tdUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
+def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
                             NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                            BK: tl.constexpr, BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                            BK: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+                            PREC: tl.constexpr):
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     _, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
     _, t_t, m_t = tokens(i_c, T, CT, BQ)
-    b_ts = _p_tangent(q, k, tq, tk, scale, i_c, i_b, i_h, T, N, H, K, NH, CT, BT, BQ, BK, DOT, PREC)
+    b_ts = _p_tangent(q, k, G, tq, tk, tG, scale, i_c, i_b, i_h, T, N, H, K, NH, CT, BT, BQ, BK, USE_G, DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, o_v < V)
@@ -59,20 +72,29 @@ def dv_local_tangent_kernel(q, k, dO, tq, tk, tdUl, scale, T, N, H, K: tl.conste
 
 
 @triton.jit
-def _tdh_step(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-              o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-              BQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``."""
+def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N,
+              NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+              BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``; with a gate ``K̃`` for ``K``
+    (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`), ``dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})``
+    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``."""
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     _, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tdu = (load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-             + mm(b_tk, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC) + mm(b_k, b_tdh, DOT, PREC))
-    store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+    b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+    if USE_G:
+        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+        b_tq = (b_tq + b_q * tg_t[:, None]) * tl.exp(g_t)[:, None]
+    b_tdu = load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
+    store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
+    if USE_G:
+        b_tdh = (b_tdh + b_dh * tg_l) * tl.exp(g_l)
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
     b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
     b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
@@ -82,35 +104,40 @@ def _tdh_step(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c,
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0"])
-def scan_dh_tangent_kernel(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
+def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
                            K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                           BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, DOT: tl.constexpr,
-                           PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                           BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, USE_G: tl.constexpr,
+                           DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         it = 0
         while it < NC:
-            b_tdh = _tdh_step(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it, i_b, i_h,
-                              i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, DOT, PREC)
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
+                              PREC)
             it += 1
     else:
         for it in range(NC):
-            b_tdh = _tdh_step(k, W, dO, dHs, dU, tq, tk, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it, i_b, i_h,
-                              i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, DOT, PREC)
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
+                              PREC)
     if STORE_DH0 > 0:
         store_rows(tdH0 + i_bh * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
 
 
-@triton.jit(do_not_specialize=["T", "N", "NC", "H"])
-def dqkw_tangent_kernel(q, k, Hs, dHs, U, dU, dO, tq, tk, tHs, tdHs, tU, tdU, tdq, tdk, tdW, scale, T, N, NC, H,
-                        K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                        BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, DOT: tl.constexpr,
-                        PREC: tl.constexpr):
-    """One program per (key block, chunk, batch·head)."""
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
+def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, scale, T,
+                        N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+                        BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
+                        USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
+    (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
+    (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
+    ``Σ S ⊙ dS_{c+1}``."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    o_i, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     o_k = i_kb * BKB + tl.arange(0, BKB)
     m_k = o_k < K
@@ -119,6 +146,10 @@ def dqkw_tangent_kernel(q, k, Hs, dHs, U, dU, dO, tq, tk, tHs, tdHs, tU, tdU, td
     b_tdqa = tl.zeros([BQ, BKB], dtype=tl.float32)
     b_tdw = tl.zeros([BT, BKB], dtype=tl.float32)
     b_tdkt = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_dqa = tl.zeros([BQ, BKB], dtype=tl.float32)  # the gate's terms
+    b_dkt = tl.zeros([BT, BKB], dtype=tl.float32)
+    b_hdh = tl.zeros([BKB], dtype=tl.float32)
+    b_thdh = tl.zeros([BKB], dtype=tl.float32)
     h_ptr = (i_bh * NC + i_c) * K * V
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
@@ -126,24 +157,49 @@ def dqkw_tangent_kernel(q, k, Hs, dHs, U, dU, dO, tq, tk, tHs, tdHs, tU, tdU, td
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
         b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
         b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+        b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
         b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
         b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
-        b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                     tl.trans(load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)), DOT, PREC)
+        b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
                   + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
-        b_tdkt += (mm(b_tu, tl.trans(load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)), DOT, PREC)
-                   + mm(b_u, tl.trans(load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)), DOT, PREC))
+        b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
+        if USE_G:
+            b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
+            b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+            b_hdh += tl.sum(b_h * b_dh, 1)
+            b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    b_dpm = tl.where(m_s, b_dp, 0.0)
-    b_tdpm = tl.where(m_s, b_tdp, 0.0)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tdq = b_tdqa + mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
-    b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC) + b_tdkt
+    if USE_G:
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
+        b_tdq = (b_tdqa + b_dqa * tg_t[:, None]) * tl.exp(g_t)[:, None]
+        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
+        b_el = tl.exp(g_l - g_i)[:, None]
+        b_tdk = (b_tdkt + b_dkt * (tg_l - tg_i)[:, None]) * b_el
+        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+        b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
+        b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
+        b_tdpp = tl.where(own, 0.0, b_tdpm * b_s + b_dpm * b_ts)
+        b_tdkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_tdkt * b_kt + b_dkt * b_tkt, 1))
+        tdg = gate_cotangent(tl.exp(g_t) * (tg_t * tl.sum(b_dqa * b_q, 1) + tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1)), b_tdpp, b_tdkk,
+                             tl.exp(g_l) * (tg_l * tl.sum(b_hdh, 0) + tl.sum(b_thdh, 0)), own, o_t, t_last)
+        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
+    else:
+        b_dpm = tl.where(m_s, b_dp, 0.0)
+        b_tdpm = tl.where(m_s, b_tdp, 0.0)
+        b_tdq = b_tdqa
+        b_tdk = b_tdkt
+    b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
+    b_tdk += mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
     store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
     store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
@@ -167,25 +223,41 @@ def _t_transpose_times(b_T, b_tT, b_d, b_td, DOT: tl.constexpr, PREC: tl.constex
     return b_dx, mm(tl.trans(b_tT), b_d, DOT, PREC) + mm(tl.trans(b_T), b_td, DOT, PREC)
 
 
-@triton.jit(do_not_specialize=["N", "H"])
-def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, N, H,
-                          K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BKB: tl.constexpr, BVB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``."""
-    i_h, i_bh, o_i, n_i, m_i, _, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+@triton.jit(do_not_specialize=["T", "N", "H"])
+def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, tdG,
+                          T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+                          BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
+                          USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``. With
+    a gate: ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
+    ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
+    whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``."""
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+    b_f, b_tf, b_ex = b_beta, b_tbeta, b_beta  # X's row factor f, its tangent, and e^G (gate only)
+    if USE_G:
+        g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
+        b_ex = tl.exp(g_i)
+        b_f = b_beta * b_ex
+        b_tf = (b_tbeta + b_beta * tg_i) * b_ex
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate only)
+    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
+    b_tdg = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):  # dX = Tᵀ dW and its tangent: in the second loop over K
         o_k = i_k * BKB + tl.arange(0, BKB)
-        dT, tdT = _dT_block(load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
-                            load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K),
-                            load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                            load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_beta, b_tbeta, DOT, PREC)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        dT, tdT = _dT_block(b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                            load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
+        if USE_G:
+            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+            b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -206,8 +278,14 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
     b_dA = tl.where(m_A, -mm(tl.trans(b_T), b_dTT, DOT, PREC), 0.0)
     b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)
     b_tdA = tl.where(m_A, -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC), 0.0)
+    if USE_G:
+        b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
+    if USE_G:  # the tangent of dA ⊙ A off the token blocks (within a token E = 1)
+        b_tdaa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0,
+                          b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)))
+        b_tdg += tl.sum(b_tdaa, 1) - tl.sum(b_tdaa, 0)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -217,27 +295,36 @@ def wy_bwd_tangent_kernel(k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, 
         b_dak = mm(b_dA, b_k, DOT, PREC)
         b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
         b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_tdkk += b_tdx * b_beta[:, None] + b_dx * b_tbeta[:, None]
+        b_tdkk += b_tdx * b_f[:, None] + b_dx * b_tf[:, None]
         b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
         b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
-        b_tdb += tl.sum(b_k * (b_tdx + b_tdak) + b_tk * (b_dx + b_dak), 1)
+        b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
+        b_dxk = tl.sum(b_k * b_dx, 1)  # Σ_d dX ⊙ K (in dβ, times e^G with a gate) and its tangent
+        b_tdxk = tl.sum(b_k * b_tdx + b_tk * b_dx, 1)
+        if USE_G:
+            b_tdb += (b_tdxk + b_dxk * tg_i) * b_ex
+            b_tdg += b_tdxk * b_f + b_dxk * b_tf
+        else:
+            b_tdb += b_tdxk
         store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
-    tl.store(tdbeta + rows * H + i_h, b_tdb, mask=m_i)
+    store_db_dg(tdbeta, tdG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h, T, H, NH, CT, BQ, USE_G)
 
 
 def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
                       saved: tuple[Tensor, ...], do: Tensor, mids: tuple[Tensor, ...],
-                      tangents: tuple[Tensor | None, ...], tsaved: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-    """The four tangent kernels (no gate).
+                      tangents: tuple[Tensor | None, ...], tsaved: tuple[Tensor, ...],
+                      gate: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, ...]:
+    """The four tangent kernels.
 
     Args:
         q, k, v, beta, h0, scale, saved, do: as for :func:`~kernels.delta_product.chunk_bwd.chunk_bwd`;
         mids: its ``(dU, dHs, dW)``; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
-        :func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent` (``do`` and ``dht`` held fixed).
+        :func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent` (``do`` and ``dht`` held fixed, and the
+        same ``gate``); gate: ``(G, Ġ)`` as for ``chunk_fwd_tangent``, or None without a gate.
 
     Returns:
-        The tangents of ``(dq, dk, dv, dbeta, dh0)`` (``dh0``'s None without an initial state): the
-        Hessian-vector product ``∇²⟨f, (do, dht)⟩ ẋ``.
+        The tangents of ``(dq, dk, dv, dbeta, dG, dh0)`` (``dG``'s None without a gate, ``dh0``'s without an
+        initial state): the Hessian-vector product ``∇²⟨f, (do, dht)⟩ ẋ``.
     """
     Ti, W, Hs, U = saved
     dU, dHs, dW = mids
@@ -245,31 +332,39 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tTi, tW, tHs, tU = tsaved
     c = launch_config(q, k, v, True)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
-    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
-    dev, mid = q.device, dU.dtype
+    common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, USE_G=gate is not None, DOT=c["DOT"],
+                  PREC=c["PREC"])
+    G, tG = gate if gate is not None else (beta, beta)  # placeholders, not read without a gate
+    dev, mid, f32 = q.device, dU.dtype, torch.float32
     do = do.contiguous()
     tdUl = alloc(B, H, N, V, device=dev, dtype=mid)
     warps, _, bvb = tangent_launch(c, "dv", q.dtype)
-    launch(dv_local_tangent_kernel, (NC, B * H), q, k, do, tq, tk, tdUl, scale, T, N, BQ=c["BQ"], BK=c["BK"],
-           BVB=bvb, num_warps=warps, **common)
+    launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"],
+           BK=c["BK"], BVB=bvb, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
-    tdh0 = alloc(B, H, K, V, device=dev, dtype=torch.float32) if h0 is not None else None
-    launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, W, do, dHs, dU, tq, tk, tW, tdUl, tdHs,
-           tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"], BV=c["BVS"],
-           STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
+    tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
+    launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, G, W, do, dHs, dU, tq, tk, tG, tW,
+           tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
+           BV=c["BVS"], STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
+    nkb = triton.cdiv(K, bkd)
     warps, _, bvb = tangent_launch(c, "dqkw", q.dtype)
     tdq = alloc(*q.shape, device=dev, dtype=q.dtype)
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
-    launch(dqkw_tangent_kernel, (triton.cdiv(K, bkd), NC, B * H), q, k, Hs, dHs, U, dU, do, tq, tk, tHs, tdHs, tU,
-           tdU, tdq, tdk_part, tdW, scale, T, N, NC, BQ=c["BQ"], BKB=bkd, BVB=bvb, num_warps=warps, **common)
+    tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
+    launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
+           tdk_part, tdW, tdG1 if gate is not None else tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb,
+           num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
-    tdbeta = alloc(B, T, c["NH"], H, device=dev, dtype=torch.float32)
+    tdbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
+    tdG2 = alloc(B, T, H, device=dev, dtype=f32) if gate is not None else None
     warps, bkb, bvb = tangent_launch(c, "wy", q.dtype)
-    launch(wy_bwd_tangent_kernel, (NC, B * H), k, v, beta, Ti, dW, dU, tk, tv, tbeta, tTi, tdW, tdU, tdk_part, tdk,
-           tdv, tdbeta, N, BKB=bkb, BVB=bvb, num_warps=warps, **common)
-    return tdq, tdk, tdv, tdbeta, tdh0
+    launch(wy_bwd_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part,
+           tdk, tdv, tdbeta, tdG2 if gate is not None else tdbeta, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
+           num_warps=warps, **common)
+    tdG = tdG1.sum(0) + tdG2 if gate is not None else None
+    return tdq, tdk, tdv, tdbeta, tdG, tdh0

@@ -70,6 +70,25 @@ def gate_at(G, tG, i_b, i_h, tok, m, T, H):
     return tl.load(p, mask=m, other=0.0), tl.load(tG + (i_b * T + tok) * H + i_h, mask=m, other=0.0)
 
 
+@triton.jit
+def gate_pair(b_s, b_ts, g_a, tg_a, g_b, tg_b, m):
+    """``S ⊙ E`` and its tangent ``(Ṡ + S ⊙ (Ġ_a − Ġ_b)) ⊙ E`` for ``E_ab = e^{G_a − G_b}`` where the
+    ``[rows, columns]`` mask ``m`` holds, else 0 (rows ``a``, columns ``b``)."""
+    b_e = masked_exp(g_a[:, None] - g_b[None, :], m)
+    return b_s * b_e, (b_ts + b_s * (tg_a[:, None] - tg_b[None, :])) * b_e
+
+
+@triton.jit
+def decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT: tl.constexpr):
+    """``K̃ = diag(e^{G_L − G}) K`` and ``K̃̇ = diag(e^{G_L − G}) (K̇ + diag(Ġ_L − Ġ) K)`` of chunk ``i_c``
+    (``G_L`` at its last real token), with ``G_L`` and ``Ġ_L``."""
+    g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+    g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
+    tg_l = chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+    b_e = tl.exp(g_l - g_i)[:, None]
+    return b_k * b_e, (b_tk + b_k * (tg_l - tg_i)[:, None]) * b_e, g_l, tg_l
+
+
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, H, K: tl.constexpr,
                         V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
@@ -90,8 +109,7 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
     b_f, b_tf = b_beta, b_tbeta  # X = diag(f) K with f = β e^G, and ḟ
     if USE_G:  # A ⊙ E, E_ij = e^{G_i − G_j}: Ȧ gains A ⊙ (Ġ_i − Ġ_j)
         b_g, b_tg = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
-        b_tA = (b_tA + b_kk * b_beta[:, None] * (b_tg[:, None] - b_tg[None, :])) * masked_exp(
-            b_g[:, None] - b_g[None, :], m_A)
+        _, b_tA = gate_pair(b_kk * b_beta[:, None], b_tA, b_g, b_tg, b_g, b_tg, m_A)
         b_f = b_beta * tl.exp(b_g)
         b_tf = (b_tbeta + b_beta * b_tg) * tl.exp(b_g)
     b_tA = tl.where(m_A, b_tA, 0.0)
@@ -127,12 +145,7 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     if USE_G:
-        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
-        tg_l = chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
-        b_e = tl.exp(g_l - g_i)[:, None]
-        b_tk = (b_tk + b_k * (tg_l - tg_i)[:, None]) * b_e
-        b_k = b_k * b_e
+        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
         b_th = (b_th + b_h * tg_l) * tl.exp(g_l)
     b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
@@ -187,9 +200,7 @@ def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC,
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        b_e = masked_exp(g_t[:, None] - g_i[None, :], m_s)
-        b_ts = (b_ts + b_s * (tg_t[:, None] - tg_i[None, :])) * b_e
-        b_s = b_s * b_e
+        b_s, b_ts = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
         b_tq += b_q * tg_t[:, None]
     b_to = mm(b_tq, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
     b_to += mm(b_q, load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)

@@ -8,13 +8,15 @@ which adds the inner product's elementwise kernels, and by
 ``"dual"`` (the tangent kernels), ``"rev_rev"`` (``torch.func.vjp`` of the composed
 form's ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``): ``fwd_rev`` (bf16
 with ``hvp_tf32``, the former default) and ``dual``, or with ``--all-modes`` also ``rev_rev`` and
-the composed modes with and without ``hvp_tf32``. At (4, 4096, 16, 128), no gate,
+the composed modes with and without ``hvp_tf32``. At (4, 4096, 16, 128), no gate (``--gate``: with one,
+and ``TUNING.tangent_gate`` on, so that ``dual`` runs the gated tangent kernels),
 ``n_h ∈ {1, 2, 3}``, bf16 and float32: the median time (``triton.testing.do_bench``), the ratio to
 forward+backward and the relative difference from the first mode's result; at (1, 1024, 2, 128)
-with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev``), each mode's
-error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``.
+with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev`` unless ``--gate``), each
+mode's error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``
+(``kernels_hvp_modes_gate.json`` with ``--gate``, unless ``--json``).
 
-    python benchmarks/kernels_hvp_modes.py [--all-modes] [--nh 3 2 1] [--dtypes bfloat16 float32] [--out DIR] [--json NAME]
+    python benchmarks/kernels_hvp_modes.py [--all-modes] [--gate] [--nh 3 2 1] [--dtypes bfloat16 float32] [--out DIR] [--json NAME]
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ MODES = {torch.bfloat16: (("fwd_rev", True), ("dual", False)), torch.float32: ((
 ALL_MODES = (("rev_rev", False), ("rev_rev", True), ("fwd_rev", False), ("fwd_rev", True), ("dual", False))
 
 
-def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
-    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, correlated=n_h > 1, seed=n_h)
+def measure(n_h: int, dtype: torch.dtype, modes, gate: bool) -> list[dict]:
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, gate=gate, correlated=n_h > 1, seed=n_h)
     xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
     gen = torch.Generator(device="cuda").manual_seed(n_h)
     vs = [torch.randn(t.shape, generator=gen, device="cuda") for t in xs.values()]
@@ -64,11 +66,11 @@ def measure(n_h: int, dtype: torch.dtype, modes) -> list[dict]:
         jvp_result = hvp_jvp()
         jvp_ms = triton.testing.do_bench(hvp_jvp, warmup=2, rep=300, return_mode="median")
         err = {}
-        for gate in (False, True):
-            small = make_inputs(1, 1024, 2, D, D, n_h, dtype=dtype, gate=gate, h0=True, correlated=n_h > 1,
+        for small_gate in (False, True):
+            small = make_inputs(1, 1024, 2, D, D, n_h, dtype=dtype, gate=small_gate, h0=True, correlated=n_h > 1,
                                 seed=10 + n_h)
-            err.update({f"{k}{'_gate' if gate else ''}": e for k, e in second_order(small, D ** -0.5).items()})
-        rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], mode=mode, hvp_tf32=tf32, hvp_ms=ms, hvp_inner_ms=inner_ms,
+            err.update({f"{k}{'_gate' if small_gate else ''}": e for k, e in second_order(small, D ** -0.5).items()})
+        rows.append(dict(n_h=n_h, dtype=str(dtype)[6:], gate=gate, mode=mode, hvp_tf32=tf32, hvp_ms=ms, hvp_inner_ms=inner_ms,
                          hvp_jvp_ms=jvp_ms,
                          jvp_diff=max(rel(a, b) for a, b in zip(jvp_result, result)),
                          diff_from_first=max(rel(a, b) for a, b in zip(result, base)),
@@ -88,14 +90,18 @@ def main() -> None:
     ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1],
                     help="largest first: the first n_h of a process timed its fwd+bwd up to 30%% slow on an H100")
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
-    ap.add_argument("--json", default="kernels_hvp_modes.json", help="file name under --out")
+    ap.add_argument("--gate", action="store_true", help="time gated inputs, with TUNING.tangent_gate on")
+    ap.add_argument("--json", help="file name under --out (default kernels_hvp_modes[_gate].json)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    TUNING.tangent_gate = args.gate
+    name = args.json or ("kernels_hvp_modes_gate.json" if args.gate else "kernels_hvp_modes.json")
     res = run_and_save(lambda: [row for dtype in args.dtypes for n_h in args.nh
                                 for row in measure(n_h, getattr(torch, dtype),
-                                                   ALL_MODES if args.all_modes else MODES[getattr(torch, dtype)])],
-                       args.out, args.json, shape=[B, T, H, D])
+                                                   ALL_MODES if args.all_modes else MODES[getattr(torch, dtype)],
+                                                   args.gate)],
+                       args.out, name, shape=[B, T, H, D], gate=args.gate)
     print(f"{'dtype':>8} {'n_h':>3} {'mode':>8} {'tf32':>5} | {'fwd+bwd':>7} {'HVP ms':>7} {'ratio':>6} "
           f"{'<g,u> ms':>8} {'ratio':>6} {'jvp ms':>7} {'ratio':>6} | {'jvp diff':>8} {'diff vs first':>13} {'err vs f64':>10}")
     for r in res['rows']:

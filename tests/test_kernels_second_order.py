@@ -7,7 +7,8 @@ on the token-by-token recurrence (fresh random inputs, correlated keys, ``β`` u
 * the composed chunked form (PyTorch inside chunks + ``chunk_scan``) in float64: equal to the
   recurrence to rounding for outputs, gradients, Hessian-vector products and ``jvp``;
 * the public function in float32 (fused kernels for value and gradient; double backward and
-  ``jvp`` by the tangent kernels without a gate, else through the composed form):
+  ``jvp`` by the tangent kernels without a gate or with ``TUNING.tangent_gate``, else through the
+  composed form):
   Hessian-vector products by double backward and ``torch.func.jvp``, and by ``torch.func``'s
   ``jvp`` and ``vjp`` of ``grad``, tolerance 2e-5 relative (seen ≤ 1e-6).
 """
@@ -245,31 +246,36 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, monkeypatch):
 @pytest.mark.parametrize("T, n_h, h0, K, V, dtype", [
     (70, 1, False, 16, 32, torch.float32),   # two chunks, the second partial
     (30, 3, True, 24, 20, torch.float32),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32),    # one short chunk
     (40, 2, True, 32, 16, torch.bfloat16),
 ])
-def test_gated_jvp_by_the_tangent_forward(T, n_h, h0, K, V, dtype, monkeypatch):
-    """``TUNING.tangent_gate``: ``torch.func.jvp`` of gated inputs (a tangent for ``g`` too) by the tangent
-    forward kernels, against the float64 recurrence with poisoned buffers; the double backward stays
-    composed (all orders checked)."""
+def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, monkeypatch):
+    """``TUNING.tangent_gate``: the double backward and ``torch.func.jvp`` of gated inputs (``g`` with a
+    direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
+    poisoned buffers (tolerance: float32 2e-5, bf16 4e-2)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     calls = []
-    _spy(monkeypatch, chunk_module, "chunk_fwd_tangent", calls, lambda *a, **kw: kw.get("gate") is not None)
+    for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
+        _spy(monkeypatch, chunk_module, name, calls,
+             lambda *a, _n=name, **kw: (_n, kw.get("gate") is not None))
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
 
     def kernel(**a):
         return chunk_delta_product(**a, output_final_state=True, scale=0.8)
 
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
-    assert calls == [True]  # the one jvp of _all_orders ran the gated tangent forward
+    # the double backward (a tangent forward and backward) and the jvp (a tangent forward), all gated
+    assert sorted(calls) == [("chunk_bwd_tangent", True)] + [("chunk_fwd_tangent", True)] * 2, calls
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
+@pytest.mark.parametrize("gate, tangent_gate", [(False, False), (True, False), (True, True)])
+def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, tangent_gate, monkeypatch):
     """``torch.func.jvp(grad(ℓ))`` (the backward Function's ``jvp``) and ``torch.func.vjp(grad(ℓ))``
     give the float64 Hessian-vector product, for a loss nonlinear in both outputs (the tangent kernels
-    without a gate, the composed form with one)."""
+    without a gate or with ``TUNING.tangent_gate``, else the composed form)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    monkeypatch.setattr(TUNING, "tangent_gate", tangent_gate)
     x = make_inputs(B=1, T=20, n_h=2, H=2, K=16, V=16, gate=gate, initial_state=True, correlated=True, seed=3)
     names = [n for n in ARGS if x[n] is not None]
     xs = tuple(x[n].float() for n in names)
@@ -288,7 +294,7 @@ def test_torch_func_hvp_forward_and_reverse_over_reverse(gate, monkeypatch):
     _spy(monkeypatch, chunk_module, "chunk_fwd_tangent", calls)
     _, h_fwd = torch.func.jvp(grad(chunk_delta_product), xs, vs)
     # the backward's jvp reuses the forward's tangents of the saved intermediates: one tangent forward
-    assert len(calls) == (0 if gate else 1)
+    assert len(calls) == (0 if gate and not tangent_gate else 1)
     h_rev = torch.func.vjp(grad(chunk_delta_product), *xs)[1](vs)
     errs = {f"{way}_{n}": rel_err(a.double(), b) for way, h in (("fwd", h_fwd), ("rev", h_rev))
             for n, a, b in zip(names, h, h64)}

@@ -248,7 +248,7 @@ class DualBackward(_NoThirdOrder):
         if tTi is None:
             to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
                                                 need_jx and dht is not None, output=need_jx, gate=gate)
-        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate)
+        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate=gate)
         return hvp + (to, tht)
 
 

@@ -73,9 +73,9 @@ class Tuning:
             one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),
             on for float32 only (on an H100 float32 ``wy_bwd`` takes 2.9 instead of 5.8 ms at n_h = 2,
             bf16 0.92 instead of 0.60 ms: ``benchmarks/results/kernels_wy_late.json``).
-        tangent_gate: forward mode (``torch.func.jvp``) of gated inputs by the tangent forward kernels
-            (with ``hvp_mode = "dual"``); off: the composed form's. Checked on the CPU interpreter only
-            so far, hence off by default. The double backward of gated inputs stays composed.
+        tangent_gate: the double backward and forward mode (``torch.func.jvp``) of gated inputs by the
+            tangent kernels with the gate's terms (with ``hvp_mode = "dual"``); off: the composed form's.
+            Checked on the CPU interpreter only so far, hence off by default.
         hvp_tf32: for bf16 inputs, let the float32 matmuls of the second-order (composed) path
             use TF32 on the GPU (``torch.backends.cuda.matmul`` precision, restored afterwards).
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``

@@ -88,9 +88,12 @@ def rel(a, b):
 def env_info():
     import triton
 
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                sm_count=torch.cuda.get_device_properties(0).multi_processor_count, tuning=TUNING.spec())
+    gpu = torch.cuda.is_available()
+    return dict(device=torch.cuda.get_device_name() if gpu else f"no GPU ({platform.machine()} CPU)",
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                sm_count=torch.cuda.get_device_properties(0).multi_processor_count if gpu else None,
+                tuning=TUNING.spec())
 
 
 def run_and_save(collect, out: str, name: str, **fields) -> dict:

@@ -1,0 +1,154 @@
+"""CPU, no GPU needed: compile every fused DeltaProduct kernel for an H100 (``sm_90a``) and report its
+registers, spills and shared memory.
+
+The host functions (``chunk_fwd``, ``chunk_bwd``, ``chunk_fwd_tangent``, ``chunk_bwd_tangent``) run on
+CPU tensors with their ``launch`` replaced by an ahead-of-time compile: each launch's arguments give
+the kernel's signature (pointer dtypes, integer widths) and constexprs, ``triton.compile`` builds it
+for ``GPUTarget("cuda", 90, 32)`` at the launch's ``num_warps``, and the ``cuobjdump`` that ships with
+Triton reads the registers per thread and the stack frame (spilled registers) from the cubin. Like
+``launch`` on a GPU, a kernel whose shared memory exceeds the H100's 227 KB per block is rebuilt with
+one pipeline stage less. The sizes that are not constexprs (``B``, ``T``, ``H``) do not change the
+code, so a short sequence stands in for the benchmark shapes; divisibility specialisation of integer
+arguments is not modelled (pointers are taken as 16-byte aligned, as a GPU launch sees them).
+
+A kernel that compiles here may still fail on a GPU at run time (an illegal memory access is not a
+compile-time error), and registers do not give times: this is a check before a GPU run, not instead.
+
+    python benchmarks/kernels_resources.py [--dtypes bfloat16 float32] [--nh 1 2 3] [--gates off on] [--D 128]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_common import run_and_save
+
+from kernels.delta_product import chunk_bwd, chunk_fwd, tangent_bwd, tangent_fwd
+from kernels.delta_product.utils import TUNING
+
+TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 232448  # bytes per block on an H100 (sharedMemPerBlockOptin)
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
+           torch.int32: "*i32", torch.int64: "*i64"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` of ``kernel`` for a launch with ``args`` and ``kwargs``."""
+    bound = dict(zip(kernel.arg_names, args), **kwargs)
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        value = bound[name]
+        if param.is_constexpr:
+            sig[name], consts[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[name], attrs[(i,)] = POINTER[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument `{name}` of type {type(value).__name__}")
+    return sig, consts, attrs
+
+
+def cubin_usage(cubin: bytes, name: str) -> dict:
+    """Registers per thread and stack frame bytes (spills) of the function ``name`` in a cubin, by
+    ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(rf"Function {name}:\s*REG:(\d+) STACK:(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"no resource usage of `{name}` in:\n{out}")
+    return dict(regs=int(found[1]), stack=int(found[2]))
+
+
+class Compiler:
+    """A stand-in for :func:`kernels.delta_product.utils.launch` that compiles and records, never runs."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def __call__(self, kernel, grid, *args, num_warps: int = 4, **kwargs) -> None:
+        src = ASTSource(kernel, *signature(kernel, args, kwargs))
+        stages, start = TUNING.stages, time.time()
+        while True:
+            ck = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
+            if ck.metadata.shared <= MAX_SHARED or stages == 1:
+                break
+            stages -= 1
+        name = kernel.fn.__name__
+        self.rows.append(dict(kernel=name, warps=num_warps, stages=stages, shared=ck.metadata.shared,
+                              fits=ck.metadata.shared <= MAX_SHARED, compile_s=round(time.time() - start, 1),
+                              **cubin_usage(ck.asm["cubin"], name)))
+
+
+def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int) -> list[dict]:
+    """Compile the forward, backward, tangent forward and tangent backward kernels for one configuration
+    (an initial state and a final state, as in the benchmarks' HVP)."""
+    compiler = Compiler()
+    modules = (chunk_fwd, chunk_bwd, tangent_fwd, tangent_bwd)
+    launches = [m.launch for m in modules]
+    for m in modules:
+        m.launch = compiler
+    try:
+        B, T, H = 1, 64, 1
+        q = torch.zeros(B, T, H, D, dtype=dtype)
+        k, v = torch.zeros(B, T, n_h, H, D, dtype=dtype), torch.zeros(B, T, n_h, H, D, dtype=dtype)
+        beta, h0 = torch.zeros(B, T, n_h, H), torch.zeros(B, H, D, D)
+        G = torch.zeros(B, T, H) if gate else None
+        _, _, saved = chunk_fwd.chunk_fwd(q, k, v, beta, G, h0, 0.1, True)
+        _, mids = chunk_bwd.chunk_bwd(q, k, v, beta, G, h0, 0.1, saved, q, h0)
+        tangents = (q, k, v, beta, h0)
+        gates = (G, torch.zeros_like(G)) if gate else None
+        _, _, tsaved = tangent_fwd.chunk_fwd_tangent(q, k, v, beta, h0, 0.1, saved, tangents, True, gate=gates)
+        tangent_bwd.chunk_bwd_tangent(q, k, v, beta, h0, 0.1, saved, q, mids, tangents, tsaved, gate=gates)
+    finally:
+        for m, fn in zip(modules, launches):
+            m.launch = fn
+    config = dict(dtype=str(dtype)[6:], n_h=n_h, gate=gate, D=D)
+    return [dict(config, **row) for row in compiler.rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    ap.add_argument("--nh", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"])
+    ap.add_argument("--D", type=int, default=128, help="key and value head dim")
+    ap.add_argument("--json", default="kernels_resources.json", help="file name under --out")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        ap.error("unset TRITON_INTERPRET: the kernels are compiled for the GPU, not interpreted")
+    res = run_and_save(lambda: [row for dtype in args.dtypes for n_h in args.nh for gate in args.gates
+                                for row in compile_all(getattr(torch, dtype), n_h, gate == "on", args.D)],
+                       args.out, args.json, target="sm_90a (H100), compiled ahead of time", D=args.D)
+    print(f"{'dtype':>8} {'n_h':>3} {'gate':>5} {'kernel':>24} {'warps':>5} {'stages':>6} {'regs':>4} "
+          f"{'spill B':>7} {'shared KB':>9}")
+    for r in res["rows"]:
+        flag = "" if r["fits"] else "  does not fit"
+        print(f"{r['dtype']:>8} {r['n_h']:>3} {str(r['gate']):>5} {r['kernel']:>24} {r['warps']:>5} {r['stages']:>6} "
+              f"{r['regs']:>4} {r['stack']:>7} {r['shared'] / 1024:9.1f}{flag}")
+
+
+if __name__ == "__main__":
+    main()

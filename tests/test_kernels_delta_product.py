@@ -131,8 +131,13 @@ def test_tuning_spec_is_validated():
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
-    assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 64)
+    assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 32)
     assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
+    # TANGENT_LAUNCH_GATE(_F32): the gated dqkw (and bf16 wy) at 8 warps and quarter tiles, the rest as without
+    assert Tuning().tangent_launch("dqkw", torch.bfloat16, gate=True) == (8, 32) == Tuning().tangent_launch(
+        "wy", torch.bfloat16, gate=True)
+    assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
+    assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
     assert not Tuning().tangent_gate and Tuning().update("tangent_gate=1").tangent_gate
     assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)

@@ -243,18 +243,20 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, monkeypatch):
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype", [
-    (70, 1, False, 16, 32, torch.float32),   # two chunks, the second partial
-    (30, 3, True, 24, 20, torch.float32),    # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16, torch.float32),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16),
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, block", [
+    (70, 1, False, 16, 32, torch.float32, 0),   # two chunks, the second partial
+    (30, 3, True, 24, 20, torch.float32, 0),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32, 0),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, 0),
+    (40, 2, True, 48, 40, torch.float32, 16),   # tiles of 16 columns: several key and value blocks per loop
 ])
-def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, monkeypatch):
+def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, monkeypatch):
     """``TUNING.tangent_gate``: the double backward and ``torch.func.jvp`` of gated inputs (``g`` with a
     direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
     poisoned buffers (tolerance: float32 2e-5, bf16 4e-2)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
+    monkeypatch.setattr(TUNING, "block_dual", block)
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,

@@ -28,43 +28,28 @@ from torch import Tensor
 from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.chunk_bwd import gate_cotangent, own_tokens, store_db_dg
 from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
-from kernels.delta_product.tangent_fwd import decayed_keys, gate_at, gate_pair, step_chunk, tangent_launch
+from kernels.delta_product.tangent_fwd import decayed_keys, gate_at, gate_pair, p_pair, step_chunk, tangent_launch
 from kernels.delta_product.utils import TUNING, alloc, launch
-
-
-@triton.jit
-def _p_tangent(q, k, G, tq, tk, tG, scale, i_c, i_b, i_h, T, N, H, K: tl.constexpr, NH: tl.constexpr,
-               CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr,
-               DOT: tl.constexpr, PREC: tl.constexpr):
-    """The tangent of ``P ⊙ M`` (``⊙ E``, ``E_ti = e^{G_t − G_i}``, with a gate) of chunk ``i_c``: ``[BQ, BT]``,
-    token rows, micro-step columns."""
-    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    if USE_G:
-        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
-        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        _, b_ts = gate_pair(mm(b_q, tl.trans(b_k), DOT, PREC), b_ts, g_t, tg_t, g_i, tg_i, m_s)
-    return tl.where(m_s, b_ts, 0.0)
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
                             NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                            BK: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+                            BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
                             PREC: tl.constexpr):
+    """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    _, n_i, m_i, _ = steps(i_c, N, NH, CT, BT)
-    _, t_t, m_t = tokens(i_c, T, CT, BQ)
-    b_ts = _p_tangent(q, k, G, tq, tk, tG, scale, i_c, i_b, i_h, T, N, H, K, NH, CT, BT, BQ, BK, USE_G, DOT, PREC)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, USE_G, DOT,
+                       PREC)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    if USE_G:
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        _, b_ts = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
+    b_ts = tl.where(m_s, b_ts, 0.0)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, o_v < V)
@@ -338,19 +323,19 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     dev, mid, f32 = q.device, dU.dtype, torch.float32
     do = do.contiguous()
     tdUl = alloc(B, H, N, V, device=dev, dtype=mid)
-    warps, _, bvb = tangent_launch(c, "dv", q.dtype)
-    launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"],
-           BK=c["BK"], BVB=bvb, num_warps=warps, **common)
+    warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
+    launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"], BKB=bkb,
+           BVB=bvb, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, G, W, do, dHs, dU, tq, tk, tG, tW,
            tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
            BV=c["BVS"], STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
-           num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
+           num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
-    warps, _, bvb = tangent_launch(c, "dqkw", q.dtype)
+    warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)
     tdq = alloc(*q.shape, device=dev, dtype=q.dtype)
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
@@ -362,7 +347,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     tdbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
     tdG2 = alloc(B, T, H, device=dev, dtype=f32) if gate is not None else None
-    warps, bkb, bvb = tangent_launch(c, "wy", q.dtype)
+    warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
     launch(wy_bwd_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part,
            tdk, tdv, tdbeta, tdG2 if gate is not None else tdbeta, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
            num_warps=warps, **common)

@@ -174,48 +174,67 @@ def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T,
         store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
 
 
+@triton.jit
+def p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K: tl.constexpr, BQ: tl.constexpr,
+           BT: tl.constexpr, BKB: tl.constexpr, NEED_P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``P = scale·Q Kᵀ`` (zero unless ``NEED_P``) and ``Ṗ = scale·(Q̇ Kᵀ + Q K̇ᵀ)``, ``[BQ, BT]`` unmasked, over
+    key blocks of ``BKB`` columns (whole rows of ``Q``, ``K`` and their tangents at once spill registers)."""
+    b_s = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_ts = tl.zeros([BQ, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        m_k = o_k < K
+        b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
+        b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+        b_ts += mm(load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), tl.trans(b_k), DOT, PREC)
+        b_ts += mm(b_q, tl.trans(load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)), DOT, PREC)
+        if NEED_P:
+            b_s += mm(b_q, tl.trans(b_k), DOT, PREC)
+    return b_s * scale, b_ts * scale
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H"])
 def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC, H, K: tl.constexpr,
                        V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+                       BKB: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
                        PREC: tl.constexpr):
     """With a gate ``Ȯ`` gains ``Ġ_t`` times the state part (``Q̇ + diag(Ġ_q) Q`` in place of ``Q̇``,
-    then ``diag(e^{G_q})``) and ``P ⊙ M ⊙ (Ġ_t − Ġ_i)`` in ``Ṗ``."""
+    then ``diag(e^{G_q})``) and ``P ⊙ M ⊙ (Ġ_t − Ġ_i)`` in ``Ṗ``. Key blocks of ``BKB`` columns."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     h_ptr = (i_bh * NC + i_c) * K * V
-    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
-    b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
+    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, True, DOT, PREC)
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
-        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        b_s, b_ts = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
-        b_tq += b_q * tg_t[:, None]
-    b_to = mm(b_tq, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
-    b_to += mm(b_q, load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
+    b_to = tl.zeros([BQ, BV], dtype=tl.float32)  # Q̇ S + Q Ṡ (the state part)
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        m_k = o_k < K
+        b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+        if USE_G:
+            b_tq += b_q * tg_t[:, None]
+        b_to += mm(b_tq, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
+        b_to += mm(b_q, load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), DOT, PREC)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     if USE_G:
         b_to = b_to * tl.exp(g_t)[:, None]
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        b_s, b_ts = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
     b_to += mm(tl.where(m_s, b_ts, 0.0), load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
     b_to += mm(tl.where(m_s, b_s, 0.0), load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), DOT, PREC)
     store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
-def tangent_launch(c: dict, kernel: str, dtype: torch.dtype) -> tuple[int, int, int]:
+def tangent_launch(c: dict, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int, int]:
     """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
-    :func:`~kernels.delta_product.chunk_fwd.launch_config`
+    :func:`~kernels.delta_product.chunk_fwd.launch_config`, with or without a ``gate``
     (:meth:`~kernels.delta_product.utils.Tuning.tangent_launch`)."""
-    warps, tile = TUNING.tangent_launch(kernel, dtype)
+    warps, tile = TUNING.tangent_launch(kernel, dtype, gate)
     return warps, min(c["BK"], tile), min(c["BVP"], tile)
 
 
@@ -249,7 +268,7 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     Ti, W, Hs, U = saved
     tq, tk, tv, tbeta, th0 = tangents
     tTi, tW, tU0 = twin(Ti), twin(W), alloc(B, H, N, V, device=q.device, dtype=q.dtype)
-    warps, bkb, bvb = tangent_launch(c, "prep", q.dtype)
+    warps, bkb, bvb = tangent_launch(c, "prep", q.dtype, gate is not None)
     launch(prep_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, BKB=bkb,
            BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
@@ -257,11 +276,11 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
            th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
            USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
-           num_warps=tangent_launch(c, "scan", q.dtype)[0], **common)
+           num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
-    warps, _, bvb = tangent_launch(c, "out", q.dtype)
+    warps, bkb, bvb = tangent_launch(c, "out", q.dtype, gate is not None)
     launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, G, Hs, U, tq, tk, tG, tHs, tU, to, scale,
-           T, N, NC, BQ=c["BQ"], BK=c["BK"], BV=bvb, num_warps=warps, **common)
+           T, N, NC, BQ=c["BQ"], BKB=bkb, BV=bvb, num_warps=warps, **common)
     return to, tht, (tTi, tW, tHs, tU)

@@ -30,8 +30,14 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
-#: tiles, ``wy`` at 4 warps
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5)}
+#: tiles, ``wy`` at 4 warps; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
+#: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5), "out": (4, 0.5)}
+#: with a gate (its terms add accumulators), by compiled registers and spills, not yet timed
+#: (``benchmarks/results/kernels_resources.json``): bf16 ``dqkw`` at 8 warps and quarter tiles spills 0–152
+#: bytes a thread instead of 2.0–2.3 KB, ``wy`` 240 instead of 496–544; float32 ``dqkw`` 648 instead of 1016
+TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (8, 0.25), "wy": (8, 0.25)}
+TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25)}
 
 
 @dataclass
@@ -128,11 +134,15 @@ class Tuning:
         ``bv_dual``, or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
 
-    def tangent_launch(self, kernel: str, dtype: torch.dtype) -> tuple[int, int]:
+    def tangent_launch(self, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int]:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
-        ``warps_dual`` and ``block_dual`` where set, else the table's for ``dtype`` (:data:`TANGENT_LAUNCH`
-        or :data:`TANGENT_LAUNCH_F32`)."""
-        warps, share = (TANGENT_LAUNCH if dtype.itemsize == 2 else TANGENT_LAUNCH_F32)[kernel]
+        ``warps_dual`` and ``block_dual`` where set, else the table's for ``dtype`` and ``gate``
+        (:data:`TANGENT_LAUNCH`, :data:`TANGENT_LAUNCH_F32`, :data:`TANGENT_LAUNCH_GATE`,
+        :data:`TANGENT_LAUNCH_GATE_F32`)."""
+        wide = dtype.itemsize > 2
+        table = ((TANGENT_LAUNCH_GATE_F32 if wide else TANGENT_LAUNCH_GATE) if gate
+                 else (TANGENT_LAUNCH_F32 if wide else TANGENT_LAUNCH))
+        warps, share = table[kernel]
         return self.warps_dual or warps, self.block_dual or int(self.tile(dtype) * share)
 
     def prep_warps(self, dtype: torch.dtype) -> int:

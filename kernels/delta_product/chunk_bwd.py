@@ -187,6 +187,15 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
 
 
 @triton.jit
+def a_gate_terms(b_daa, o_i, NH: tl.constexpr):
+    """The ``dG`` terms of ``A ⊙ E`` (``E_ij = e^{G_i − G_j}``) per micro-step from ``b_daa = dA ⊙ A``: row sums
+    minus column sums, off the token blocks (within a token ``E = 1`` and the terms would only cancel in
+    rounding). Linear in ``b_daa``, so its tangent gives the tangent of those terms."""
+    b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_daa)
+    return tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
+
+
+@triton.jit
 def _dx_terms(b_dx, b_k, b_ex, b_x, b_db, b_dg, USE_G: tl.constexpr):
     """The ``dβ`` and ``dG`` terms of ``dX = Tᵀ dW`` for one key block: ``Σ_d dX ⊙ K`` (times ``e^G``)."""
     b_dxk = tl.sum(b_dx * b_k, 1)
@@ -256,8 +265,7 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
     b_db += tl.sum(b_dA * b_kk, 1)
     b_dc = b_dA * b_beta[:, None]
     if USE_G:
-        b_daa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0, b_dc * b_kk)  # same token: E = 1
-        b_dg += tl.sum(b_daa, 1) - tl.sum(b_daa, 0)
+        b_dg += a_gate_terms(b_dc * b_kk, o_i, NH)
     if LATE:
         b_dcs = b_dc + tl.trans(b_dc)
     else:

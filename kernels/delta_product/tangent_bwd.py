@@ -26,9 +26,17 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config
-from kernels.delta_product.chunk_bwd import gate_cotangent, own_tokens, store_db_dg
+from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, own_tokens, store_db_dg
 from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
-from kernels.delta_product.tangent_fwd import decayed_keys, gate_at, gate_pair, p_pair, step_chunk, tangent_launch
+from kernels.delta_product.tangent_fwd import (
+    decayed_keys,
+    exp_tangent,
+    gate_at,
+    gate_pair,
+    p_pair,
+    step_chunk,
+    tangent_launch,
+)
 from kernels.delta_product.utils import TUNING, alloc, launch
 
 
@@ -72,14 +80,15 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, s
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
     if USE_G:
-        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-        b_tq = (b_tq + b_q * tg_t[:, None]) * tl.exp(g_t)[:, None]
+        b_tq = exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None])
     b_tdu = load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
     store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
     if USE_G:
-        b_tdh = (b_tdh + b_dh * tg_l) * tl.exp(g_l)
+        b_tdh = exp_tangent(b_dh, b_tdh, g_l, tg_l)
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
     b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
     b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
@@ -166,17 +175,17 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
-        b_tdq = (b_tdqa + b_dqa * tg_t[:, None]) * tl.exp(g_t)[:, None]
-        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
-        b_el = tl.exp(g_l - g_i)[:, None]
-        b_tdk = (b_tdkt + b_dkt * (tg_l - tg_i)[:, None]) * b_el
+        b_tdq = exp_tangent(b_dqa, b_tdqa, g_t[:, None], tg_t[:, None])
+        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+        b_tdk = exp_tangent(b_dkt, b_tdkt, (g_l - g_i)[:, None], (tg_l - tg_i)[:, None])
         own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
         b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
         b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
         b_tdpp = tl.where(own, 0.0, b_tdpm * b_s + b_dpm * b_ts)
         b_tdkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_tdkt * b_kt + b_dkt * b_tkt, 1))
-        tdg = gate_cotangent(tl.exp(g_t) * (tg_t * tl.sum(b_dqa * b_q, 1) + tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1)), b_tdpp, b_tdkk,
-                             tl.exp(g_l) * (tg_l * tl.sum(b_hdh, 0) + tl.sum(b_thdh, 0)), own, o_t, t_last)
+        tdg = gate_cotangent(exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t),
+                             b_tdpp, b_tdkk, exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own, o_t,
+                             t_last)
         tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
     else:
         b_dpm = tl.where(m_s, b_dp, 0.0)
@@ -218,12 +227,11 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
     whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
-    b_f, b_tf, b_ex = b_beta, b_tbeta, b_beta  # X's row factor f, its tangent, and e^G (gate only)
+    b_f, b_tf = b_beta, b_tbeta  # X's row factor f and its tangent
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
-        b_ex = tl.exp(g_i)
-        b_f = b_beta * b_ex
-        b_tf = (b_tbeta + b_beta * tg_i) * b_ex
+        b_f = b_beta * tl.exp(g_i)
+        b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
@@ -267,10 +275,8 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
-    if USE_G:  # the tangent of dA ⊙ A off the token blocks (within a token E = 1)
-        b_tdaa = tl.where(o_i[:, None] // NH == o_i[None, :] // NH, 0.0,
-                          b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)))
-        b_tdg += tl.sum(b_tdaa, 1) - tl.sum(b_tdaa, 0)
+    if USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
+        b_tdg += a_gate_terms(b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)), o_i, NH)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -287,7 +293,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_dxk = tl.sum(b_k * b_dx, 1)  # Σ_d dX ⊙ K (in dβ, times e^G with a gate) and its tangent
         b_tdxk = tl.sum(b_k * b_tdx + b_tk * b_dx, 1)
         if USE_G:
-            b_tdb += (b_tdxk + b_dxk * tg_i) * b_ex
+            b_tdb += exp_tangent(b_dxk, b_tdxk, g_i, tg_i)
             b_tdg += b_tdxk * b_f + b_dxk * b_tf
         else:
             b_tdb += b_tdxk

@@ -71,6 +71,12 @@ def gate_at(G, tG, i_b, i_h, tok, m, T, H):
 
 
 @triton.jit
+def exp_tangent(b_x, b_tx, a, ta):
+    """The tangent of ``x e^a``: ``(ẋ + x ȧ) e^a`` (every gate factor's product rule)."""
+    return (b_tx + b_x * ta) * tl.exp(a)
+
+
+@triton.jit
 def gate_pair(b_s, b_ts, g_a, tg_a, g_b, tg_b, m):
     """``S ⊙ E`` and its tangent ``(Ṡ + S ⊙ (Ġ_a − Ġ_b)) ⊙ E`` for ``E_ab = e^{G_a − G_b}`` where the
     ``[rows, columns]`` mask ``m`` holds, else 0 (rows ``a``, columns ``b``)."""
@@ -79,14 +85,13 @@ def gate_pair(b_s, b_ts, g_a, tg_a, g_b, tg_b, m):
 
 
 @triton.jit
-def decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT: tl.constexpr):
+def decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT: tl.constexpr):
     """``K̃ = diag(e^{G_L − G}) K`` and ``K̃̇ = diag(e^{G_L − G}) (K̇ + diag(Ġ_L − Ġ) K)`` of chunk ``i_c``
-    (``G_L`` at its last real token), with ``G_L`` and ``Ġ_L``."""
-    g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+    (``G_L`` at its last real token; ``g_i``, ``tg_i``: ``G``, ``Ġ`` at the micro-steps), with ``G_L`` and ``Ġ_L``."""
     g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
     tg_l = chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
-    b_e = tl.exp(g_l - g_i)[:, None]
-    return b_k * b_e, (b_tk + b_k * (tg_l - tg_i)[:, None]) * b_e, g_l, tg_l
+    a, ta = (g_l - g_i)[:, None], (tg_l - tg_i)[:, None]
+    return b_k * tl.exp(a), exp_tangent(b_k, b_tk, a, ta), g_l, tg_l
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -111,7 +116,7 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
         b_g, b_tg = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
         _, b_tA = gate_pair(b_kk * b_beta[:, None], b_tA, b_g, b_tg, b_g, b_tg, m_A)
         b_f = b_beta * tl.exp(b_g)
-        b_tf = (b_tbeta + b_beta * b_tg) * tl.exp(b_g)
+        b_tf = exp_tangent(b_beta, b_tbeta, b_g, b_tg)
     b_tA = tl.where(m_A, b_tA, 0.0)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = -tl.dot(b_T, tl.dot(b_tA, b_T, input_precision=PREC_T), input_precision=PREC_T)
@@ -145,8 +150,9 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     if USE_G:
-        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, G, tG, i_b, i_c, i_h, tok_i, m_i, T, H, CT)
-        b_th = (b_th + b_h * tg_l) * tl.exp(g_l)
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+        b_th = exp_tangent(b_h, b_th, g_l, tg_l)
     b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
 

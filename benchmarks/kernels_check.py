@@ -21,7 +21,7 @@ on the same inputs and cotangents; it passes as ill-conditioned (recorded under 
 when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json``
 and prints a summary last.
 
-    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--out DIR]
+    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--gates off on] [--out DIR]
 """
 from __future__ import annotations
 
@@ -204,6 +204,8 @@ def main():
     ap.add_argument("--fuzz", type=int, default=1000, help="cases per fuzz seed")
     ap.add_argument("--fuzz-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-shapes", action="store_true", help="skip the benchmark shapes")
+    ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"],
+                    help="gate settings of the benchmark-shape rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -238,14 +240,14 @@ def main():
     rows = res["benchmark_shapes"] = []
     for (B, T, H, D) in [] if args.no_shapes else shapes:
         for n_h in (1, 2, 3):
-            for gate in (False, True):
+            for gate in [g == "on" for g in args.gates]:
                 for dt in (torch.bfloat16, torch.float32):
                     try:
                         x = make_inputs(B, T, H, D, D, n_h, dtype=dt, gate=gate, h0=gate, correlated=n_h > 1,
                                         seed=B + T + n_h)
                         r = judge(first_order(x, D ** -0.5), dt)
                         del x
-                        # second order: the tangent kernels without a gate, the composed form with one
+                        # second order: the tangent kernels (with a gate: if TUNING.tangent_gate, else the composed form)
                         x2 = make_inputs(1, T, 2, D, D, n_h, dtype=dt, gate=gate, h0=True, correlated=True,
                                          seed=T + n_h)
                         r2 = judge(second_order(x2, 1.0), dt)
@@ -268,7 +270,7 @@ def main():
                 print(json.dumps(res["varlen"][-1]), flush=True)
     res["all_ok"] = (all(r["first"]["ok"] and r["second"]["ok"] for r in rows) and not fails
                      and all(r["ok"] for r in res["varlen"])
-                     and res["float64_composed_path"]["ok"] and (args.no_shapes or len(rows) == 3 * 2 * 2 * len(shapes)))
+                     and res["float64_composed_path"]["ok"] and (args.no_shapes or len(rows) == 3 * len(args.gates) * 2 * len(shapes)))
     _save(res, args.out)
     print(f"\n{res['device']} torch {res['torch']} triton {res['triton']}  precompile {res['precompile_s']:.0f}s")
     print("anchor (composed float64 vs recurrence):", [f"{a['o']:.1e}" for a in res["anchor_recurrent"]])

@@ -102,6 +102,7 @@ def tuned():
         ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on", torch.bfloat16, 2, 80, 80),  # other grids
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72),  # one K / V block
+        ("tile_bwd=16,wy_late=on", torch.float32, 2, 40, 36),  # dqkw, wy_bwd over three masked tiles
     ],
 )
 def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V):
@@ -127,7 +128,7 @@ def test_tuning_spec_is_validated():
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    for refused in ("warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
+    for refused in ("tile_bwd=48", "block=8", "warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles

@@ -69,6 +69,8 @@ class Tuning:
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
+        tile_bwd: columns per tile of the ``dqkw`` value loop and both ``wy_bwd`` loops (0: as
+            ``block``, :meth:`tile`); smaller float32 tiles spill fewer registers there.
         bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
         stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
@@ -112,6 +114,7 @@ class Tuning:
     bv_dual: int = 64
     bv_scan: int = 32
     block: int = 0
+    tile_bwd: int = 0
     bk_dqkw: int = 64
     stages: int = 3
     bwd_store: str = "input"
@@ -128,6 +131,10 @@ class Tuning:
         if self.block:
             return self.block
         return 128 if dtype.itemsize == 2 else 64
+
+    def bwd_tile(self, dtype: torch.dtype) -> int:
+        """Columns per tile of ``dqkw``'s value loop and of ``wy_bwd``: ``tile_bwd``, or when 0, :meth:`tile`."""
+        return self.tile_bwd or self.tile(dtype)
 
     def scan_cols(self, dual: bool = False) -> int:
         """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)
@@ -174,6 +181,7 @@ class Tuning:
                               ("wy_late", ("f32", "on", "off")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
+                              ("block", (0, 16, 32, 64, 128)), ("tile_bwd", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

@@ -9,10 +9,10 @@ which adds the inner product's elementwise kernels, and by
 form's ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of ``x ↦ (f(x), vjp)``): ``fwd_rev`` (bf16
 with ``hvp_tf32``, the former default) and ``dual``, or with ``--all-modes`` also ``rev_rev`` and
 the composed modes with and without ``hvp_tf32``. At (4, 4096, 16, 128), no gate (``--gate``: with one,
-and ``TUNING.tangent_gate`` on, so that ``dual`` runs the gated tangent kernels),
+where ``dual`` runs the gated tangent kernels, ``TUNING.tangent_gate``),
 ``n_h ∈ {1, 2, 3}``, bf16 and float32: the median time (``triton.testing.do_bench``), the ratio to
 forward+backward and the relative difference from the first mode's result; at (1, 1024, 2, 128)
-with an initial state, without and with a gate (where ``dual`` runs ``fwd_rev`` unless ``--gate``), each
+with an initial state, without and with a gate (where ``dual`` runs the gated tangent kernels), each
 mode's error against the float64 reference (``kernels_check.second_order``). Writes ``kernels_hvp_modes.json``
 (``kernels_hvp_modes_gate.json`` with ``--gate``, unless ``--json``).
 
@@ -90,12 +90,11 @@ def main() -> None:
     ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1],
                     help="largest first: the first n_h of a process timed its fwd+bwd up to 30%% slow on an H100")
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
-    ap.add_argument("--gate", action="store_true", help="time gated inputs, with TUNING.tangent_gate on")
+    ap.add_argument("--gate", action="store_true", help="time gated inputs")
     ap.add_argument("--json", help="file name under --out (default kernels_hvp_modes[_gate].json)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    TUNING.tangent_gate = args.gate
     name = args.json or ("kernels_hvp_modes_gate.json" if args.gate else "kernels_hvp_modes.json")
     res = run_and_save(lambda: [row for dtype in args.dtypes for n_h in args.nh
                                 for row in measure(n_h, getattr(torch, dtype),

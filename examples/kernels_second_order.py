@@ -10,8 +10,9 @@ For ``L(x) = ⟨do, o(x)⟩ + ⟨ds, S_T(x)⟩`` with ``(o, S_T) = chunk_delta_p
 and compares each with the same quantity of the token-by-token recurrence
 (``lrnn.ops.recurrent.delta_product_recurrent``) in float64, printing relative errors and times.
 With head dims of at least ``TUNING.tangent_min_dim`` (64) the second order runs the tangent kernels
-(``kernels.delta_product.tangent_fwd`` / ``tangent_bwd``) with ``--no-gate``, or with the gate (the default)
-under ``DELTA_PRODUCT_TUNING=tangent_gate=1``; otherwise it differentiates the composed chunked form. On a machine without a GPU the kernels
+(``kernels.delta_product.tangent_fwd`` / ``tangent_bwd``), with the gate (the default) or ``--no-gate``;
+otherwise (or under ``DELTA_PRODUCT_TUNING=tangent_gate=0`` with the gate) it differentiates the composed
+chunked form. On a machine without a GPU the kernels
 run under ``TRITON_INTERPRET=1`` (keep the sizes small).
 
     python examples/kernels_second_order.py                        # GPU if present, else the CPU interpreter
@@ -109,7 +110,7 @@ def main() -> None:
     p.add_argument("--n-h", type=int, default=2)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-gate", action="store_true", help="no forget gate (second order by the tangent kernels)")
+    p.add_argument("--no-gate", action="store_true", help="no forget gate")
     a = p.parse_args()
     run(a.B, a.T, a.H, a.D, a.n_h, a.dtype, a.seed, not a.no_gate)
 

@@ -14,7 +14,7 @@ PATH = Path(__file__).resolve().parents[1] / "examples" / "kernels_second_order.
 
 @pytest.mark.parametrize("gate", [True, False])
 def test_example_derivatives_match_the_float64_recurrence(gate, monkeypatch):
-    """With the gate: the composed second order; without: the tangent kernels (every head dim)."""
+    """The second order by the tangent kernels at every head dim, with the gate terms or without."""
     from kernels.delta_product.utils import TUNING
 
     monkeypatch.setattr(TUNING, "tangent_min_dim", 0)

@@ -102,7 +102,7 @@ def tuned():
         ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on", torch.bfloat16, 2, 80, 80),  # other grids
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72),  # one K / V block
-        ("tile_bwd=16,wy_late=on", torch.float32, 2, 40, 36),  # dqkw, wy_bwd over three masked tiles
+        ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36),  # wy_bwd over three masked tiles
     ],
 )
 def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V):
@@ -127,8 +127,10 @@ def test_tuning_spec_is_validated():
     with pytest.raises(ValueError, match="warps_scan"):
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
+    assert Tuning().wy_tile(torch.bfloat16) == 128 and Tuning().wy_tile(torch.float32) == 32
+    assert Tuning().update("tile_wy=64").wy_tile(torch.float32) == 64
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    for refused in ("tile_bwd=48", "block=8", "warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
+    for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
@@ -140,7 +142,7 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
-    assert not Tuning().tangent_gate and Tuning().update("tangent_gate=1").tangent_gate
+    assert Tuning().tangent_gate and not Tuning().update("tangent_gate=0").tangent_gate
     assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan

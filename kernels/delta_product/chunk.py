@@ -4,8 +4,8 @@ backward; the composed differentiable form for everything else.
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
   :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
   the tangent kernels of :mod:`~kernels.delta_product.tangent_fwd` at the forward's saved
-  intermediates (``TUNING.hvp_mode = "dual"``, the default; with a gate only under
-  ``TUNING.tangent_gate``), else forward mode through
+  intermediates (``TUNING.hvp_mode = "dual"``, the default; with a gate while
+  ``TUNING.tangent_gate``, the default), else forward mode through
   :func:`~kernels.delta_product.composed.composed_delta_product`.
 * :class:`ChunkDeltaProductBackward`: its backward (the double backward of the operator, e.g. for
   Hessian-vector products) and ``jvp`` are forward-over-reverse by the tangent kernels: with

@@ -323,20 +323,20 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
            STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
-    tile = TUNING.bwd_tile(q.dtype)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)
     dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=min(c["BVP"], tile), USE_G=use_g,
-           num_warps=TUNING.warps_dqkw, **common)
+           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_dqkw,
+           **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
     dG2 = alloc(B, T, H, device=dev, dtype=f32) if use_g else None
+    wy = TUNING.wy_tile(q.dtype)
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
-           dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=min(c["BK"], tile), BVB=min(c["BVP"], tile),
+           dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=min(c["BK"], wy), BVB=min(c["BVP"], wy),
            USE_G=use_g, LATE=TUNING.late_wy(q.dtype), num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)

@@ -69,8 +69,7 @@ class Tuning:
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
-        tile_bwd: columns per tile of the ``dqkw`` value loop and both ``wy_bwd`` loops (0: as
-            ``block``, :meth:`tile`); smaller float32 tiles spill fewer registers there.
+        tile_wy: key / value columns per tile of ``wy_bwd``; 0 chooses by dtype (:meth:`wy_tile`).
         bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
         stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
@@ -82,8 +81,9 @@ class Tuning:
             on for float32 only (on an H100 float32 ``wy_bwd`` takes 2.9 instead of 5.8 ms at n_h = 2,
             bf16 0.92 instead of 0.60 ms: ``benchmarks/results/kernels_wy_late.json``).
         tangent_gate: the double backward and forward mode (``torch.func.jvp``) of gated inputs by the
-            tangent kernels with the gate's terms (with ``hvp_mode = "dual"``); off: the composed form's.
-            Checked on the CPU interpreter only so far, hence off by default.
+            tangent kernels with the gate's terms (with ``hvp_mode = "dual"``); off: the composed form's
+            (on an H100 the tangent kernels take the bf16 gated HVP from 21× to 2.6–2.8× fwd+bwd:
+            ``benchmarks/results/kernels_hvp_modes_gate.json``).
         hvp_tf32: for bf16 inputs, let the float32 matmuls of the second-order (composed) path
             use TF32 on the GPU (``torch.backends.cuda.matmul`` precision, restored afterwards).
         composed_inverse: the composed path's ``(I + A)⁻¹ [X, Y]``: ``"solve"``
@@ -114,7 +114,7 @@ class Tuning:
     bv_dual: int = 64
     bv_scan: int = 32
     block: int = 0
-    tile_bwd: int = 0
+    tile_wy: int = 0
     bk_dqkw: int = 64
     stages: int = 3
     bwd_store: str = "input"
@@ -123,7 +123,7 @@ class Tuning:
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
     tangent_min_dim: int = 64
-    tangent_gate: bool = False
+    tangent_gate: bool = True
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -132,9 +132,12 @@ class Tuning:
             return self.block
         return 128 if dtype.itemsize == 2 else 64
 
-    def bwd_tile(self, dtype: torch.dtype) -> int:
-        """Columns per tile of ``dqkw``'s value loop and of ``wy_bwd``: ``tile_bwd``, or when 0, :meth:`tile`."""
-        return self.tile_bwd or self.tile(dtype)
+    def wy_tile(self, dtype: torch.dtype) -> int:
+        """Columns per tile of ``wy_bwd``: ``tile_wy``, or when 0, 32 for float32 (its 64-wide tiles
+        spill 1.2 KB a thread: 2.86 against 1.78 ms at n_h = 2 on an H100) and :meth:`tile` for 16-bit."""
+        if self.tile_wy:
+            return self.tile_wy
+        return 32 if dtype.itemsize == 4 else self.tile(dtype)
 
     def scan_cols(self, dual: bool = False) -> int:
         """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)
@@ -181,7 +184,7 @@ class Tuning:
                               ("wy_late", ("f32", "on", "off")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
-                              ("block", (0, 16, 32, 64, 128)), ("tile_bwd", (0, 16, 32, 64, 128)),
+                              ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

@@ -127,8 +127,9 @@ def test_tuning_spec_is_validated():
     with pytest.raises(ValueError, match="warps_scan"):
         Tuning().update("warps_scan=0")  # only warps_prep has the by-dtype 0
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
-    assert Tuning().wy_tile(torch.bfloat16) == 128 and Tuning().wy_tile(torch.float32) == 32
+    assert Tuning().wy_tile(torch.bfloat16) == 64 and Tuning().wy_tile(torch.float32) == 32
     assert Tuning().update("tile_wy=64").wy_tile(torch.float32) == 64
+    assert Tuning().update("block=16").wy_tile(torch.bfloat16) == 16
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16", "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes"):  # 16: illegal memory access (float32)
         with pytest.raises(ValueError, match=refused.split("=")[0]):

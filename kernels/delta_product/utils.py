@@ -69,7 +69,7 @@ class Tuning:
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
-        tile_wy: key / value columns per tile of ``wy_bwd``; 0 chooses by dtype (:meth:`wy_tile`).
+        tile_wy: key / value columns per tile of ``wy_bwd``; 0: half of :meth:`tile` (:meth:`wy_tile`).
         bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
         stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
@@ -133,11 +133,10 @@ class Tuning:
         return 128 if dtype.itemsize == 2 else 64
 
     def wy_tile(self, dtype: torch.dtype) -> int:
-        """Columns per tile of ``wy_bwd``: ``tile_wy``, or when 0, 32 for float32 (its 64-wide tiles
-        spill 1.2 KB a thread: 2.86 against 1.78 ms at n_h = 2 on an H100) and :meth:`tile` for 16-bit."""
-        if self.tile_wy:
-            return self.tile_wy
-        return 32 if dtype.itemsize == 4 else self.tile(dtype)
+        """Columns per tile of ``wy_bwd``: ``tile_wy``, or when 0, half of :meth:`tile` (at least 16).
+        On an H100 at n_h = 2 the half tiles take float32 ``wy_bwd`` from 2.86 to 1.78 ms (its 64-wide
+        tiles spill 1.2 KB a thread) and bf16 from 0.59 to about 0.5 ms (``kernels_knobs_wy.json``)."""
+        return self.tile_wy or max(16, self.tile(dtype) // 2)
 
     def scan_cols(self, dual: bool = False) -> int:
         """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)

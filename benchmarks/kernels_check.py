@@ -247,7 +247,8 @@ def main():
                                         seed=B + T + n_h)
                         r = judge(first_order(x, D ** -0.5), dt)
                         del x
-                        # second order: the tangent kernels (with a gate: if TUNING.tangent_gate, else the composed form)
+                        # second order: the tangent kernels (with a gate: if TUNING.tangent_gate,
+                        # else the composed form)
                         x2 = make_inputs(1, T, 2, D, D, n_h, dtype=dt, gate=gate, h0=True, correlated=True,
                                          seed=T + n_h)
                         r2 = judge(second_order(x2, 1.0), dt)
@@ -270,7 +271,8 @@ def main():
                 print(json.dumps(res["varlen"][-1]), flush=True)
     res["all_ok"] = (all(r["first"]["ok"] and r["second"]["ok"] for r in rows) and not fails
                      and all(r["ok"] for r in res["varlen"])
-                     and res["float64_composed_path"]["ok"] and (args.no_shapes or len(rows) == 3 * len(args.gates) * 2 * len(shapes)))
+                     and res["float64_composed_path"]["ok"]
+                     and (args.no_shapes or len(rows) == 3 * len(args.gates) * 2 * len(shapes)))
     _save(res, args.out)
     print(f"\n{res['device']} torch {res['torch']} triton {res['triton']}  precompile {res['precompile_s']:.0f}s")
     print("anchor (composed float64 vs recurrence):", [f"{a['o']:.1e}" for a in res["anchor_recurrent"]])

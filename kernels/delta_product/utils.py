@@ -33,9 +33,11 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: tiles, ``wy`` at 4 warps; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
 #: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
 TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5), "out": (4, 0.5)}
-#: with a gate (its terms add accumulators), by compiled registers and spills, not yet timed
+#: with a gate (its terms add accumulators), chosen by compiled registers and spills
 #: (``benchmarks/results/kernels_resources.json``): bf16 ``dqkw`` at 8 warps and quarter tiles spills 0–152
-#: bytes a thread instead of 2.0–2.3 KB, ``wy`` 240 instead of 496–544; float32 ``dqkw`` 648 instead of 1016
+#: bytes a thread instead of 2.0–2.3 KB, ``wy`` 240 instead of 496–544; float32 ``dqkw`` 648 instead of 1016.
+#: Timed as a whole (``kernels_hvp_modes_gate.json``), not against other tables; for the float32 HVP at
+#: n_h = 2 each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
 TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (8, 0.25), "wy": (8, 0.25)}
 TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25)}
 
@@ -135,7 +137,7 @@ class Tuning:
     def wy_tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of ``wy_bwd``: ``tile_wy``, or when 0, half of :meth:`tile` (at least 16).
         On an H100 at n_h = 2 the half tiles take float32 ``wy_bwd`` from 2.86 to 1.78 ms (its 64-wide
-        tiles spill 1.2 KB a thread) and bf16 from 0.59 to about 0.5 ms (``kernels_knobs_wy.json``)."""
+        tiles spill 1.2 KB a thread) and bf16 from 0.59 to 0.50 ms (``kernels_knobs_wy.json``)."""
         return self.tile_wy or max(16, self.tile(dtype) // 2)
 
     def scan_cols(self, dual: bool = False) -> int:

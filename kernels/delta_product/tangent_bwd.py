@@ -217,26 +217,41 @@ def _t_transpose_times(b_T, b_tT, b_d, b_td, DOT: tl.constexpr, PREC: tl.constex
     return b_dx, mm(tl.trans(b_tT), b_d, DOT, PREC) + mm(tl.trans(b_T), b_td, DOT, PREC)
 
 
+@triton.jit
+def _dy_block(b_T, b_tT, b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT: tl.constexpr, PREC: tl.constexpr):
+    """For one value block: the tangent of ``dV = diag(β) dY`` (``dY = Tᵀ dU``) and of ``dY``'s ``dβ`` term
+    ``Σ_d dY ⊙ V``."""
+    b_dy, b_tdy = _t_transpose_times(b_T, b_tT, b_du, b_tdu, DOT, PREC)
+    return b_tdy * b_beta[:, None] + b_dy * b_tbeta[:, None], tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
+
+
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, tdG,
                           T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                           BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                          USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                          USE_G: tl.constexpr, LATE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``. With
     a gate: ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
     ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
-    whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``."""
+    whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``.
+
+    ``LATE`` (``Tuning.wy_late``, as for the primal ``wy_bwd``): ``T`` and ``Ṫ`` are loaded only after the
+    first loops, which accumulate ``dT``, ``dṪ``, ``K Kᵀ`` and ``K̇ Kᵀ`` alone; ``dY`` and its tangent get a
+    loop over ``V`` of their own; the ``dA`` terms of ``dK`` are ``(dC + dCᵀ) K̇ + (dĊ + dĊᵀ) K`` (``dC =
+    diag(β) dA``) and those of ``dβ`` the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)``: fewer products and
+    fewer ``BT × BT`` tiles alive at once (float32 spills less)."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_f, b_tf = b_beta, b_tbeta  # X's row factor f and its tangent
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
         b_f = b_beta * tl.exp(g_i)
         b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
-    b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
-    b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+    if not LATE:
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate only)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or LATE only)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     b_tdg = tl.zeros([BT], dtype=tl.float32)
@@ -248,7 +263,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        if USE_G:
+        if USE_G or LATE:
             b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
             b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
@@ -258,12 +273,15 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
         b_tdu = load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V)
         dT, tdT = _dT_block(b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT, PREC)
-        b_dy, b_tdy = _t_transpose_times(b_T, b_tT, b_du, b_tdu, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        b_tdb += tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
-        store_rows(tdv + i_h * V, b_tdy * b_beta[:, None] + b_dy * b_tbeta[:, None], rows, m_i, H * V, o_v,
-                   o_v < V)
+        if not LATE:
+            b_tdv, tdb = _dy_block(b_T, b_tT, b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT, PREC)
+            b_tdb += tdb
+            store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
+    if LATE:
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
     b_tdT = tl.where(m_A, b_tdT, 0.0)
@@ -275,7 +293,23 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
-    if USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
+    if LATE:
+        b_p = b_tdA * b_kk + b_dA * (b_tkk + tl.trans(b_tkk))  # the tangent of dA ⊙ K Kᵀ
+        b_tdb += tl.sum(b_p, 1)
+        if USE_G:  # tdc ⊙ K Kᵀ + dc ⊙ (K Kᵀ)˙, as below
+            b_tdg += a_gate_terms(b_p * b_beta[:, None] + b_dA * b_kk * b_tbeta[:, None], o_i, NH)
+        b_dcs = b_dc + tl.trans(b_dc)
+        b_tdcs = b_tdc + tl.trans(b_tdc)
+        for i_v in range(tl.cdiv(V, BVB)):
+            o_v = i_v * BVB + tl.arange(0, BVB)
+            b_tdv, tdb = _dy_block(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
+                                   load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V),
+                                   load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
+                                   load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
+                                   b_beta, b_tbeta, DOT, PREC)
+            b_tdb += tdb
+            store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
+    elif USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
         b_tdg += a_gate_terms(b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)), o_i, NH)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
@@ -283,13 +317,16 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_dx, b_tdx = _t_transpose_times(b_T, b_tT, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
                                          load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), DOT, PREC)
-        b_dak = mm(b_dA, b_k, DOT, PREC)
-        b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
         b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
         b_tdkk += b_tdx * b_f[:, None] + b_dx * b_tf[:, None]
-        b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
-        b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
-        b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
+        if LATE:
+            b_tdkk += mm(b_tdcs, b_k, DOT, PREC) + mm(b_dcs, b_tk, DOT, PREC)
+        else:
+            b_dak = mm(b_dA, b_k, DOT, PREC)
+            b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
+            b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
+            b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
+            b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
         b_dxk = tl.sum(b_k * b_dx, 1)  # Σ_d dX ⊙ K (in dβ, times e^G with a gate) and its tangent
         b_tdxk = tl.sum(b_k * b_tdx + b_tk * b_dx, 1)
         if USE_G:
@@ -356,6 +393,6 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
     launch(wy_bwd_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part,
            tdk, tdv, tdbeta, tdG2 if gate is not None else tdbeta, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
-           num_warps=warps, **common)
+           LATE=TUNING.late_wy(q.dtype), num_warps=warps, **common)
     tdG = tdG1.sum(0) + tdG2 if gate is not None else None
     return tdq, tdk, tdv, tdbeta, tdG, tdh0

@@ -95,19 +95,22 @@ def tuned():
 
 
 @pytest.mark.parametrize(
-    "spec, dtype, n_h, K, V",
+    "spec, dtype, n_h, K, V, gate",
     [
-        ("inverse=packed,warps_prep=4,bwd_store=f32,block=64", torch.float32, 3, 24, 20),  # the earlier default
-        ("inverse=tiles", torch.float32, 3, 24, 20),  # 63-step chunks: a masked row in the last tile
-        ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on", torch.bfloat16, 2, 80, 80),  # other grids
-        ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16),
-        ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72),  # one K / V block
-        ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36),  # wy_bwd over three masked tiles
+        ("inverse=packed,warps_prep=4,bwd_store=f32,block=64", torch.float32, 3, 24, 20, True),  # the earlier default
+        ("inverse=tiles", torch.float32, 3, 24, 20, True),  # 63-step chunks: a masked row in the last tile
+        ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on,scan_split=on", torch.bfloat16, 2, 80, 80,
+         True),  # other grids; the scans' state in halves, the second one partly masked
+        ("scan_split=off", torch.float32, 2, 80, 72, True),  # the float32 scans without state halves
+        ("", torch.float32, 1, 96, 40, False),  # float32 scans in halves (the default), no gate
+        ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
+        ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
+        ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36, True),  # wy_bwd over three masked tiles
     ],
 )
-def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V):
+def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V, gate):
     tuned(spec)
-    x = make_inputs(B=1, T=45, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=True, correlated=True,
+    x = make_inputs(B=1, T=45, n_h=n_h, H=2, K=K, V=V, gate=gate, initial_state=True, correlated=True,
                     seed=40 + n_h)
     _check_first_order(x, dtype, scale=0.7)
 

@@ -59,50 +59,78 @@ def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.con
 
 
 @triton.jit
-def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-             BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+             BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
+             PREC: tl.constexpr):
+    """Chunk ``i_c`` in reverse: store ``dS_{c+1}``, form and store ``dU = dU_loc + K̃ dS_{c+1}``, return ``dS_c``.
+    The state is ``b_dh`` (rows ``o_k``) and, with ``SPLIT``, ``b_dh2`` (rows ``o_k + BK``)."""
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
     store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     _, t_t, m_t = tokens(i_c, T, CT, BQ)
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+    b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K, Q's factor e^{Gq} and the decay e^{G_L}
+    b_e = tl.full([BQ], scale, tl.float32)
+    b_a = 1.0
     if USE_G:
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
-        b_k = b_k * tl.exp(g_l - g_i)[:, None]
-        b_q = b_q * tl.exp(g_t)[:, None]
-    b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_k, b_dh, DOT, PREC)
+        b_d = tl.exp(g_l - g_i)
+        b_e = b_e * tl.exp(g_t)
+        b_a = tl.exp(g_l)
+    rows_k = i_b * N + n_i
+    b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+    b_du += mm(load_rows(k + i_h * K, rows_k, m_i, H * K, o_k, m_k) * b_d[:, None], b_dh, DOT, PREC)
+    if SPLIT:
+        store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+        b_du += mm(load_rows(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2) * b_d[:, None], b_dh2, DOT, PREC)
     store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
+    b_dh = _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K, t_t, m_t, n_i, m_i, o_k, m_k,
+                      DOT, PREC)
+    if SPLIT:
+        b_dh2 = _dh_update(q, W, b_dh2, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K, t_t, m_t, n_i, m_i,
+                           o_k2, m_k2, DOT, PREC)
+    return b_dh, b_dh2
+
+
+@triton.jit
+def _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K: tl.constexpr, t_t, m_t, n_i, m_i,
+               o_k, m_k, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a dS + (diag(e) Q)ᵀ dO − Wᵀ dU`` for the state rows ``o_k`` (``Q``'s and ``W``'s columns ``o_k``)."""
+    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * b_e[:, None]
     b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    if USE_G:
-        b_dh = b_dh * tl.exp(g_l)
-    return b_dh + mm(tl.trans(b_q), b_do, DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
+    return b_dh * b_a + mm(tl.trans(b_q), b_do, DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0"])
 def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K: tl.constexpr,
                    V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
+                   BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
                    STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT > 0:
         b_dh += load_rows(dHT + i_bh * K * V, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            b_dh2 += load_rows(dHT + i_bh * K * V, o_k + BK, o_k + BK < K, V, o_v, m_v)
     if INTERPRET:
         it = 0
         while it < NC:
-            b_dh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, NC - 1 - it, i_b, i_h, i_bh, T, N, NC,
-                            o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT, PREC)
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
+                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, DOT, PREC)
             it += 1
     else:
         for it in range(NC):
-            b_dh = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, scale, NC - 1 - it, i_b, i_h, i_bh, T, N, NC,
-                            o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT, PREC)
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
+                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, DOT, PREC)
     if STORE_DH0 > 0:
         store_rows(dH0 + i_bh * K * V, b_dh, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            store_rows(dH0 + i_bh * K * V, b_dh2, o_k + BK, o_k + BK < K, V, o_v, m_v)
 
 
 @triton.jit
@@ -319,7 +347,7 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
-           BQ=c["BQ"], BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_DHT=int(dht is not None),
+           BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, USE_DHT=int(dht is not None),
            STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)

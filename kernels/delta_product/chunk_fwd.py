@@ -74,44 +74,67 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit
-def _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-            H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-            BT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+            H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+            BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``i_c``: store ``S_c``, form and store ``U_c = U₀ − W S_c``, return ``S_{c+1}``. The state is
+    ``b_h`` (rows ``o_k``) and, with ``SPLIT``, ``b_h2`` (rows ``o_k + BK``), each with its own key columns."""
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
     store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    b_u = load_rows(U0 + i_bh * N * V, n_i, m_i, V, o_v, m_v) - mm(b_w, b_h, DOT, PREC)
+    b_u = load_rows(U0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+    b_u -= mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
+    if SPLIT:
+        store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h2, o_k2, m_k2, V, o_v, m_v)
+        b_u -= mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2), b_h2, DOT, PREC)
     store_rows(U + i_bh * N * V, b_u, n_i, m_i, V, o_v, m_v)
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K and the state's decay e^{G_L}
+    b_a = 1.0
     if USE_G:
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
-        b_k = b_k * tl.exp(g_l - g_i)[:, None]
-        b_h = b_h * tl.exp(g_l)
-    return b_h + mm(tl.trans(b_k), b_u, DOT, PREC)
+        b_d = tl.exp(g_l - g_i)
+        b_a = tl.exp(g_l)
+    b_h = _h_update(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, b_h, b_u, b_d, b_a, DOT, PREC)
+    if SPLIT:
+        b_h2 = _h_update(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k2, m_k2, b_h2, b_u, b_d, b_a, DOT, PREC)
+    return b_h, b_h2
+
+
+@triton.jit
+def _h_update(k, rows, m_rows, row_stride, o_k, m_k, b_h, b_u, b_d, b_a, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a S + (diag(d) K)ᵀ U`` for the state rows ``o_k`` (``K``'s columns ``o_k``)."""
+    b_k = load_rows(k, rows, m_rows, row_stride, o_k, m_k) * b_d[:, None]
+    return b_h * b_a + mm(tl.trans(b_k), b_u, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
 def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
                   NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
+                  SPLIT: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
                   PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
         b_h += load_rows(H0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            b_h2 += load_rows(H0 + i_bh * K * V, o_k + BK, o_k + BK < K, V, o_v, m_v)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = 0
         while i_c < NC:
-            b_h = _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-                          H, K, V, NH, CT, BT, USE_G, DOT, PREC)
+            b_h, b_h2 = _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+                                H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
-            b_h = _h_step(k, G, W, U0, Hs, U, b_h, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-                          H, K, V, NH, CT, BT, USE_G, DOT, PREC)
+            b_h, b_h2 = _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+                                H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
     if STORE_HT > 0:
         store_rows(HT + i_bh * K * V, b_h, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            store_rows(HT + i_bh * K * V, b_h2, o_k + BK, o_k + BK < K, V, o_v, m_v)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H"])
@@ -150,8 +173,9 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    split = TUNING.split_scan(q.dtype) and bk > 64
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)),
+                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk, SPLIT=split, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)),
                 BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)), DOT=dot, PREC=prec,
                 INTERPRET=interpreting())
 
@@ -184,8 +208,9 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, gp, W, U0, h0 if h0 is not None else W, Hs, U,
-           ht if ht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"], USE_G=use_g, USE_H0=int(h0 is not None),
-           STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
+           ht if ht is not None else W, T, N, NC, BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g,
+           USE_H0=int(h0 is not None), STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"],
+           num_warps=TUNING.warps_scan, **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
            BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)

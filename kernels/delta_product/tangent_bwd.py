@@ -225,9 +225,25 @@ def _dy_block(b_T, b_tT, b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT: tl.conste
     return b_tdy * b_beta[:, None] + b_dy * b_tbeta[:, None], tl.sum(b_tdy * b_v + b_dy * b_tv, 1)
 
 
+@triton.jit
+def _dx_block(b_T, b_tT, b_k, b_tk, b_dw, b_tdw, b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, USE_G: tl.constexpr,
+              DOT: tl.constexpr, PREC: tl.constexpr):
+    """For one key block: ``dX = Tᵀ dW``, the part ``diag(f) dX`` of ``dK``'s tangent, and ``dX``'s terms of the
+    tangents of ``dβ`` and ``dG`` (``Σ_d dX ⊙ K``, times ``e^G`` with a gate), added to ``b_tdb``, ``b_tdg``."""
+    b_dx, b_tdx = _t_transpose_times(b_T, b_tT, b_dw, b_tdw, DOT, PREC)
+    b_dxk = tl.sum(b_k * b_dx, 1)  # Σ_d dX ⊙ K and its tangent
+    b_tdxk = tl.sum(b_k * b_tdx + b_tk * b_dx, 1)
+    if USE_G:
+        b_tdb += exp_tangent(b_dxk, b_tdxk, g_i, tg_i)
+        b_tdg += b_tdxk * b_f + b_dxk * b_tf
+    else:
+        b_tdb += b_tdxk
+    return b_tdx * b_f[:, None] + b_dx * b_tf[:, None], b_tdb, b_tdg
+
+
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, tdG,
-                          T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+                          DC, tDC, T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                           BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
                           USE_G: tl.constexpr, LATE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``. With
@@ -235,13 +251,14 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
     whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``.
 
-    ``LATE`` (``Tuning.wy_late``, as for the primal ``wy_bwd``): ``T`` and ``Ṫ`` are loaded only after the
-    first loops, which accumulate ``dT``, ``dṪ``, ``K Kᵀ`` and ``K̇ Kᵀ`` alone; ``dY`` and its tangent get a
-    loop over ``V`` of their own; the ``dA`` terms of ``dK`` are ``(dC + dCᵀ) K̇ + (dĊ + dĊᵀ) K`` (``dC =
-    diag(β) dA``) and those of ``dβ`` the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)``: fewer products and
-    fewer ``BT × BT`` tiles alive at once (float32 spills less)."""
+    ``LATE`` (``Tuning.wy_late``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
+    loops, which accumulate ``dT`` and ``dṪ`` alone, and ``K Kᵀ``, ``K̇ Kᵀ`` are formed after ``dA``; the program stores ``dC + dCᵀ`` and
+    ``dĊ + dĊᵀ`` (``dC = diag(β) dA``) in ``DC``, ``tDC`` and, as the first partial sums ``tdbeta``, ``tdG``,
+    the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
+    :func:`wy_cols_tangent_kernel` does the rest, one column tile per program."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_f, b_tf = b_beta, b_tbeta  # X's row factor f and its tangent
+    g_i, tg_i = b_beta, b_tbeta  # placeholders without a gate
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
         b_f = b_beta * tl.exp(g_i)
@@ -251,7 +268,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or LATE only)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or LATE only; LATE: after dA)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     b_tdg = tl.zeros([BT], dtype=tl.float32)
@@ -263,7 +280,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        if USE_G or LATE:
+        if USE_G and not LATE:
             b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
             b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
@@ -285,57 +302,91 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
     b_tdT = tl.where(m_A, b_tdT, 0.0)
-    b_dTT = mm(b_dT, tl.trans(b_T), DOT, PREC)  # dT Tᵀ
-    b_dA = tl.where(m_A, -mm(tl.trans(b_T), b_dTT, DOT, PREC), 0.0)
+    # (dT Tᵀ)˙ − dT Ṫᵀ, then dT Tᵀ: dT and dṪ die before dA is formed (fewer BT×BT tiles alive at once)
     b_inner = mm(b_tdT, tl.trans(b_T), DOT, PREC) + mm(b_dT, tl.trans(b_tT), DOT, PREC)
+    b_dTT = mm(b_dT, tl.trans(b_T), DOT, PREC)
+    b_dA = tl.where(m_A, -mm(tl.trans(b_T), b_dTT, DOT, PREC), 0.0)
     b_tdA = tl.where(m_A, -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC), 0.0)
     if USE_G:
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
     if LATE:
+        store_rows(DC + i_bh * N * BT, b_dc + tl.trans(b_dc), n_i, m_i, BT, o_i, o_i < BT)
+        store_rows(tDC + i_bh * N * BT, b_tdc + tl.trans(b_tdc), n_i, m_i, BT, o_i, o_i < BT)
+        for i_k in range(tl.cdiv(K, BKB)):  # K Kᵀ and K̇ Kᵀ only now, when T, Ṫ, dT and dṪ are dead
+            o_k = i_k * BKB + tl.arange(0, BKB)
+            b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+            b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
         b_p = b_tdA * b_kk + b_dA * (b_tkk + tl.trans(b_tkk))  # the tangent of dA ⊙ K Kᵀ
         b_tdb += tl.sum(b_p, 1)
         if USE_G:  # tdc ⊙ K Kᵀ + dc ⊙ (K Kᵀ)˙, as below
             b_tdg += a_gate_terms(b_p * b_beta[:, None] + b_dA * b_kk * b_tbeta[:, None], o_i, NH)
-        b_dcs = b_dc + tl.trans(b_dc)
-        b_tdcs = b_tdc + tl.trans(b_tdc)
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            b_tdv, tdb = _dy_block(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
-                                   load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V),
-                                   load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
-                                   load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
-                                   b_beta, b_tbeta, DOT, PREC)
-            b_tdb += tdb
-            store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
-    elif USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
-        b_tdg += a_gate_terms(b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)), o_i, NH)
-    for i_k in range(tl.cdiv(K, BKB)):
-        o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_dx, b_tdx = _t_transpose_times(b_T, b_tT, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), DOT, PREC)
-        b_tdkk = load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-        b_tdkk += b_tdx * b_f[:, None] + b_dx * b_tf[:, None]
-        if LATE:
-            b_tdkk += mm(b_tdcs, b_k, DOT, PREC) + mm(b_dcs, b_tk, DOT, PREC)
-        else:
+    else:
+        if USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
+            b_tdg += a_gate_terms(b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)), o_i, NH)
+        for i_k in range(tl.cdiv(K, BKB)):
+            o_k = i_k * BKB + tl.arange(0, BKB)
+            b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+            b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+            b_tdkk, b_tdb, b_tdg = _dx_block(b_T, b_tT, b_k, b_tk,
+                                             load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                             b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, USE_G, DOT, PREC)
+            b_tdkk += load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
             b_dak = mm(b_dA, b_k, DOT, PREC)
             b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
             b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
             b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
             b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
-        b_dxk = tl.sum(b_k * b_dx, 1)  # Σ_d dX ⊙ K (in dβ, times e^G with a gate) and its tangent
-        b_tdxk = tl.sum(b_k * b_tdx + b_tk * b_dx, 1)
-        if USE_G:
-            b_tdb += exp_tangent(b_dxk, b_tdxk, g_i, tg_i)
-            b_tdg += b_tdxk * b_f + b_dxk * b_tf
-        else:
-            b_tdb += b_tdxk
-        store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
+            store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
     store_db_dg(tdbeta, tdG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h, T, H, NH, CT, BQ, USE_G)
+
+
+@triton.jit(do_not_specialize=["T", "N", "H", "SB", "SG"])
+def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, DC, tDC, tdk, tdv,
+                           tdbeta, tdG, T, N, H, SB, SG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
+                           CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr,
+                           BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """The second half of the two-kernel ``LATE`` form, one program per (chunk, batch·head, column tile): a key
+    tile gets ``dK̇ = dK̇_in + diag(f) dẊ + diag(ḟ) dX + (dĊ + dĊᵀ) K + (dC + dCᵀ) K̇`` (``dC + dCᵀ`` and its
+    tangent from ``DC``, ``tDC``), a value tile ``dV̇`` (:func:`_dy_block`); each writes its terms of ``dβ̇``
+    (and ``dĠ``) as the partial sums of slot ``1 + tile`` (strides ``SB``, ``SG``; value tiles write zero ``dĠ``)."""
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+    i_t = tl.program_id(2)
+    b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+    b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+    b_tdb = tl.zeros([BT], dtype=tl.float32)
+    b_tdg = tl.zeros([BT], dtype=tl.float32)
+    NKT: tl.constexpr = (K + BKB - 1) // BKB
+    if i_t < NKT:
+        b_f, b_tf = b_beta, b_tbeta
+        g_i, tg_i = b_beta, b_tbeta  # placeholders without a gate
+        if USE_G:
+            g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
+            b_f = b_beta * tl.exp(g_i)
+            b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
+        o_k = i_t * BKB + tl.arange(0, BKB)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_tdkk, b_tdb, b_tdg = _dx_block(b_T, b_tT, b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
+                                         b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, USE_G, DOT, PREC)
+        b_tdkk += load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
+        b_tdkk += mm(load_rows(tDC + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT), b_k, DOT, PREC)
+        b_tdkk += mm(load_rows(DC + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT), b_tk, DOT, PREC)
+        store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
+    else:
+        o_v = (i_t - NKT) * BVB + tl.arange(0, BVB)
+        b_tdv, b_tdb = _dy_block(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
+                                 load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V),
+                                 load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V),
+                                 load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V), b_beta, b_tbeta, DOT, PREC)
+        store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
+    slot = (i_t + 1).to(tl.int64)
+    store_db_dg(tdbeta + slot * SB, tdG + slot * SG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h,
+                T, H, NH, CT, BQ, USE_G)
 
 
 def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
@@ -388,11 +439,19 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
-    tdbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
-    tdG2 = alloc(B, T, H, device=dev, dtype=f32) if gate is not None else None
     warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
-    launch(wy_bwd_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part,
-           tdk, tdv, tdbeta, tdG2 if gate is not None else tdbeta, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
-           LATE=TUNING.late_wy(q.dtype), num_warps=warps, **common)
-    tdG = tdG1.sum(0) + tdG2 if gate is not None else None
-    return tdq, tdk, tdv, tdbeta, tdG, tdh0
+    late = TUNING.late_wy(q.dtype)
+    tiles = triton.cdiv(K, bkb) + triton.cdiv(V, bvb) if late else 0  # of wy_cols_tangent_kernel
+    tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without late)
+    tdG2 = alloc(1 + tiles, B, T, H, device=dev, dtype=f32) if gate is not None else None
+    DC, tDC = (alloc(B, H, N, BT, device=dev, dtype=f32) for _ in range(2)) if late else (tdbeta, tdbeta)
+    args = (k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part)
+    tdg = tdG2 if gate is not None else tdbeta
+    launch(wy_bwd_tangent_kernel, (NC, B * H), *args, tdk, tdv, tdbeta, tdg, DC, tDC, T, N, BQ=c["BQ"], BKB=bkb,
+           BVB=bvb, LATE=late, num_warps=warps, **common)
+    if late:
+        warps, bkb, bvb = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
+        launch(wy_cols_tangent_kernel, (NC, B * H, tiles), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
+               SB=tdbeta[0].numel(), SG=tdg[0].numel(), BQ=c["BQ"], BKB=bkb, BVB=bvb, num_warps=warps, **common)
+    tdG = tdG1.sum(0) + tdG2.sum(0) if gate is not None else None
+    return tdq, tdk, tdv, tdbeta.sum(0), tdG, tdh0

@@ -28,7 +28,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``(num_warps, tile as a share of Tuning.tile)`` of each tangent kernel (``tangent_fwd``,
 #: ``tangent_bwd``) for 16-bit inputs, the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
-TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5)}
+TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5),
+                  "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
 #: tiles, ``wy`` at 4 warps; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
 #: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)

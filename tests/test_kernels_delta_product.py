@@ -147,6 +147,12 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
+    for knob in ("split_scan", "split_wy"):  # on for float32 only, unless set
+        assert getattr(Tuning(), knob)(torch.float32) and not getattr(Tuning(), knob)(torch.bfloat16)
+    assert Tuning().update("scan_split=on,wy_split=off").split_scan(torch.bfloat16)
+    assert not Tuning().update("scan_split=on,wy_split=off").split_wy(torch.float32)
+    with pytest.raises(ValueError, match="wy_split"):
+        Tuning().update("wy_split=yes")
     assert Tuning().tangent_gate and not Tuning().update("tangent_gate=0").tangent_gate
     assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)

@@ -245,13 +245,13 @@ def _dx_block(b_T, b_tT, b_k, b_tk, b_dw, b_tdw, b_f, b_tf, g_i, tg_i, b_tdb, b_
 def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, tdG,
                           DC, tDC, T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                           BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                          USE_G: tl.constexpr, LATE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                          USE_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``. With
     a gate: ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
     ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
     whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``.
 
-    ``LATE`` (``Tuning.wy_late``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
+    ``SPLIT`` (``Tuning.wy_split``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
     loops, which accumulate ``dT`` and ``dṪ`` alone, and ``K Kᵀ``, ``K̇ Kᵀ`` are formed after ``dA``; the program stores ``dC + dCᵀ`` and
     ``dĊ + dĊᵀ`` (``dC = diag(β) dA``) in ``DC``, ``tDC`` and, as the first partial sums ``tdbeta``, ``tdG``,
     the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
@@ -263,12 +263,12 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
         b_f = b_beta * tl.exp(g_i)
         b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
-    if not LATE:
+    if not SPLIT:
         b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or LATE only; LATE: after dA)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or SPLIT only; SPLIT: after dA)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     b_tdg = tl.zeros([BT], dtype=tl.float32)
@@ -280,7 +280,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        if USE_G and not LATE:
+        if USE_G and not SPLIT:
             b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
             b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
@@ -292,11 +292,11 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         dT, tdT = _dT_block(b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        if not LATE:
+        if not SPLIT:
             b_tdv, tdb = _dy_block(b_T, b_tT, b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT, PREC)
             b_tdb += tdb
             store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
-    if LATE:
+    if SPLIT:
         b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
@@ -311,7 +311,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
-    if LATE:
+    if SPLIT:
         store_rows(DC + i_bh * N * BT, b_dc + tl.trans(b_dc), n_i, m_i, BT, o_i, o_i < BT)
         store_rows(tDC + i_bh * N * BT, b_tdc + tl.trans(b_tdc), n_i, m_i, BT, o_i, o_i < BT)
         for i_k in range(tl.cdiv(K, BKB)):  # K Kᵀ and K̇ Kᵀ only now, when T, Ṫ, dT and dṪ are dead
@@ -349,7 +349,7 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
                            tdbeta, tdG, T, N, H, SB, SG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
                            CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr,
                            BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """The second half of the two-kernel ``LATE`` form, one program per (chunk, batch·head, column tile): a key
+    """The second half of the two-kernel ``SPLIT`` form, one program per (chunk, batch·head, column tile): a key
     tile gets ``dK̇ = dK̇_in + diag(f) dẊ + diag(ḟ) dX + (dĊ + dĊᵀ) K + (dC + dCᵀ) K̇`` (``dC + dCᵀ`` and its
     tangent from ``DC``, ``tDC``), a value tile ``dV̇`` (:func:`_dy_block`); each writes its terms of ``dβ̇``
     (and ``dĠ``) as the partial sums of slot ``1 + tile`` (strides ``SB``, ``SG``; value tiles write zero ``dĠ``)."""
@@ -440,16 +440,16 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
-    late = TUNING.late_wy(q.dtype)
-    tiles = triton.cdiv(K, bkb) + triton.cdiv(V, bvb) if late else 0  # of wy_cols_tangent_kernel
-    tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without late)
+    split = TUNING.split_wy(q.dtype)
+    tiles = triton.cdiv(K, bkb) + triton.cdiv(V, bvb) if split else 0  # of wy_cols_tangent_kernel
+    tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without split)
     tdG2 = alloc(1 + tiles, B, T, H, device=dev, dtype=f32) if gate is not None else None
-    DC, tDC = (alloc(B, H, N, BT, device=dev, dtype=f32) for _ in range(2)) if late else (tdbeta, tdbeta)
+    DC, tDC = (alloc(B, H, N, BT, device=dev, dtype=f32) for _ in range(2)) if split else (tdbeta, tdbeta)
     args = (k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part)
     tdg = tdG2 if gate is not None else tdbeta
     launch(wy_bwd_tangent_kernel, (NC, B * H), *args, tdk, tdv, tdbeta, tdg, DC, tDC, T, N, BQ=c["BQ"], BKB=bkb,
-           BVB=bvb, LATE=late, num_warps=warps, **common)
-    if late:
+           BVB=bvb, SPLIT=split, num_warps=warps, **common)
+    if split:
         warps, bkb, bvb = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
         launch(wy_cols_tangent_kernel, (NC, B * H, tiles), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
                SB=tdbeta[0].numel(), SG=tdg[0].numel(), BQ=c["BQ"], BKB=bkb, BVB=bvb, num_warps=warps, **common)

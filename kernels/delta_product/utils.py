@@ -78,7 +78,7 @@ class Tuning:
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
             ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
             only, since the gate cotangent cancels terms computed from them).
-        wy_late: the schedule of ``wy_bwd`` (and of its tangent): ``"on"``, ``dX = Tᵀ dW`` only in its second loop over ``K``
+        wy_late: the schedule of ``wy_bwd``: ``"on"``, ``dX = Tᵀ dW`` only in its second loop over ``K``
             (where ``dK`` needs it anyway; its ``dβ``, ``dG`` terms there too) and ``dK ⊇ (dC + dCᵀ) K`` as
             one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),
             on for float32 only (on an H100 float32 ``wy_bwd`` takes 2.9 instead of 5.8 ms at n_h = 2,
@@ -87,6 +87,11 @@ class Tuning:
             (when ``K > 64``), each with its own half of the key-side tiles (``W``, ``K``, ``Q``), instead
             of one ``K``-row tile: ``"on"``, ``"off"``, or ``"f32"`` (default: on for float32 inputs, whose
             full 64×128 float32 tiles spill 0.6–0.7 KB a thread in the scans at 4 warps).
+        wy_split: the tangent of ``wy_bwd`` as two kernels, ``"on"``, ``"off"`` or ``"f32"`` (default: on for
+            float32 inputs): one program per chunk forms ``dA``, ``dȦ`` and stores ``dC + dCᵀ`` and its tangent
+            (``dC = diag(β) dA``), then one program per (chunk, key or value tile) forms the tangents of ``dK``,
+            ``dV`` and its part of ``dβ̇`` (``dĠ``); fewer ``64×64`` float32 tiles alive at once (spills of
+            0.4–0.5 instead of 1.7–2.4 KB a thread at n_h = 2).
         tangent_gate: the double backward and forward mode (``torch.func.jvp``) of gated inputs by the
             tangent kernels with the gate's terms (with ``hvp_mode = "dual"``); off: the composed form's
             (on an H100 the tangent kernels take the bf16 gated HVP from 21× to 2.6–2.8× fwd+bwd:
@@ -127,6 +132,7 @@ class Tuning:
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"
+    wy_split: str = "f32"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
@@ -170,8 +176,12 @@ class Tuning:
         return 2 if dtype.itemsize == 2 else 4
 
     def late_wy(self, dtype: torch.dtype) -> bool:
-        """Whether ``wy_bwd`` and its tangent run the late schedule for ``dtype`` (``wy_late``)."""
+        """Whether ``wy_bwd`` runs the late schedule for ``dtype`` (``wy_late``)."""
         return _by_dtype(self.wy_late, dtype)
+
+    def split_wy(self, dtype: torch.dtype) -> bool:
+        """Whether the tangent of ``wy_bwd`` runs as two kernels for ``dtype`` (``wy_split``)."""
+        return _by_dtype(self.wy_split, dtype)
 
     def split_scan(self, dtype: torch.dtype) -> bool:
         """Whether the chunk scans hold the state as two row halves for ``dtype`` (``scan_split``)."""
@@ -193,6 +203,7 @@ class Tuning:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               ("wy_late", ("f32", "on", "off")), ("scan_split", ("f32", "on", "off")),
+                              ("wy_split", ("f32", "on", "off")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),

@@ -153,12 +153,28 @@ def gate_cotangent(a_t, b_pp, b_kk, c_l, own, o_t, t_last):
     return dg_t + tl.where(o_t == t_last, dg_l, 0.0)
 
 
+@triton.jit
+def _dq_dp_tile(b_h, b_u, b_do, b_dqa, b_dp, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One value tile's terms of ``dO S_cᵀ`` and ``dP = dO Uᵀ``."""
+    return b_dqa + mm(b_do, tl.trans(b_h), DOT, PREC), b_dp + mm(b_do, tl.trans(b_u), DOT, PREC)
+
+
+@triton.jit
+def _dk_tile(Hs, h_ptr, b_u, b_dh, b_dkt, b_hdh, o_k, m_k, V: tl.constexpr, o_v, m_v, USE_G: tl.constexpr,
+             DOT: tl.constexpr, PREC: tl.constexpr):
+    """One value tile's terms of ``U dS_{c+1}ᵀ`` and, with a gate, of ``Σ_v S_c ⊙ dS_{c+1}``."""
+    if USE_G:
+        b_hdh += tl.sum(load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v) * b_dh, 1)
+    return b_dkt + mm(b_u, tl.trans(b_dh), DOT, PREC), b_hdh
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                DOT: tl.constexpr, PREC: tl.constexpr):
-    """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks."""
+                SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks. ``SPLIT``
+    (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``), not one."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -175,16 +191,28 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
         o_v = i_v * BVB + tl.arange(0, BVB)
         m_v = o_v < V
         b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
-        b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
-        b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
-        b_dw -= mm(b_du, tl.trans(b_h), DOT, PREC)
-        b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-        if USE_G:
-            b_hdh += tl.sum(b_h * b_dh, 1)
+        b_dw -= mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
+        if not SPLIT:
+            b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            b_dqa, b_dp = _dq_dp_tile(b_h, b_u, load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
+                                      b_dqa, b_dp, DOT, PREC)
+            b_dkt, b_hdh = _dk_tile(Hs, h_ptr, b_u, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh,
+                                    o_k, m_k, V, o_v, m_v, USE_G, DOT, PREC)
+    store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
+    if SPLIT:  # dW's loop above, then dQ's and dP's sums, then dK's: fewer tiles alive at once
+        for i_v in range(tl.cdiv(V, BVB)):
+            o_v = i_v * BVB + tl.arange(0, BVB)
+            m_v = o_v < V
+            b_dqa, b_dp = _dq_dp_tile(load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                      load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                      load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
+                                      b_dqa, b_dp, DOT, PREC)
+        for i_v in range(tl.cdiv(V, BVB)):
+            o_v = i_v * BVB + tl.arange(0, BVB)
+            m_v = o_v < V
+            b_dkt, b_hdh = _dk_tile(Hs, h_ptr, load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                    load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, o_k, m_k, V, o_v,
+                                    m_v, USE_G, DOT, PREC)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -211,7 +239,6 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
         b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC) + b_dkt
     store_rows(dq + i_h * K, b_dq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
     store_rows(dk + i_bh * N * K, b_dk, n_i, m_i, K, o_k, m_k)
-    store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
 
 
 @triton.jit
@@ -356,8 +383,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_dqkw,
-           **common)
+           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, SPLIT=TUNING.split_dqkw(q.dtype),
+           num_warps=TUNING.warps_dqkw, **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)

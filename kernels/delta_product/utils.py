@@ -87,6 +87,9 @@ class Tuning:
             (when ``K > 64``), each with its own half of the key-side tiles (``W``, ``K``, ``Q``), instead
             of one ``K``-row tile: ``"on"``, ``"off"``, or ``"f32"`` (default: on for float32 inputs, whose
             full 64×128 float32 tiles spill 0.6–0.7 KB a thread in the scans at 4 warps).
+        dqkw_split: ``dqkw`` as three loops over the value tiles (``dW = −dU S_cᵀ``, stored at once; ``dO S_cᵀ``
+            and ``dP``; ``U dS_{c+1}ᵀ``), each re-reading ``S_c`` or ``U``, instead of one: ``"on"``, ``"off"`` or
+            ``"f32"`` (default: on for float32 inputs; spills of 0.25–0.7 instead of 0.9–1.1 KB a thread).
         wy_split: the tangent of ``wy_bwd`` as two kernels, ``"on"``, ``"off"`` or ``"f32"`` (default: on for
             float32 inputs): one program per chunk forms ``dA``, ``dȦ`` and stores ``dC + dCᵀ`` and its tangent
             (``dC = diag(β) dA``), then one program per (chunk, key or value tile) forms the tangents of ``dK``,
@@ -133,6 +136,7 @@ class Tuning:
     wy_late: str = "f32"
     scan_split: str = "f32"
     wy_split: str = "f32"
+    dqkw_split: str = "f32"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
@@ -179,6 +183,10 @@ class Tuning:
         """Whether ``wy_bwd`` runs the late schedule for ``dtype`` (``wy_late``)."""
         return _by_dtype(self.wy_late, dtype)
 
+    def split_dqkw(self, dtype: torch.dtype) -> bool:
+        """Whether ``dqkw`` runs three loops over the value tiles for ``dtype`` (``dqkw_split``)."""
+        return _by_dtype(self.dqkw_split, dtype)
+
     def split_wy(self, dtype: torch.dtype) -> bool:
         """Whether the tangent of ``wy_bwd`` runs as two kernels for ``dtype`` (``wy_split``)."""
         return _by_dtype(self.wy_split, dtype)
@@ -203,7 +211,7 @@ class Tuning:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               ("wy_late", ("f32", "on", "off")), ("scan_split", ("f32", "on", "off")),
-                              ("wy_split", ("f32", "on", "off")),
+                              ("wy_split", ("f32", "on", "off")), ("dqkw_split", ("f32", "on", "off")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),

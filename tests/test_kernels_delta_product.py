@@ -102,7 +102,7 @@ def tuned():
         ("inverse=tiles,bwd_store=input,bk_dqkw=128,bv_scan=64,wy_late=on,scan_split=on", torch.bfloat16, 2, 80, 80,
          True),  # other grids; the scans' state in halves, the second one partly masked
         ("scan_split=off,dqkw_split=off", torch.float32, 2, 80, 72, True),  # float32 scans, dqkw in one piece
-        ("dqkw_split=on", torch.bfloat16, 3, 40, 72, True),  # dqkw's three loops, two value tiles
+        ("dqkw_split=off", torch.bfloat16, 3, 40, 72, True),  # dqkw's single loop, two value tiles
         ("", torch.float32, 1, 96, 40, False),  # float32 scans in halves (the default), no gate
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
@@ -148,7 +148,8 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
-    for knob in ("split_scan", "split_wy", "split_dqkw"):  # on for float32 only, unless set
+    assert Tuning().split_dqkw(torch.bfloat16) and not Tuning().update("dqkw_split=f32").split_dqkw(torch.bfloat16)
+    for knob in ("split_scan", "split_wy"):  # on for float32 only, unless set
         assert getattr(Tuning(), knob)(torch.float32) and not getattr(Tuning(), knob)(torch.bfloat16)
     assert Tuning().update("scan_split=on,wy_split=off").split_scan(torch.bfloat16)
     assert not Tuning().update("scan_split=on,wy_split=off").split_wy(torch.float32)

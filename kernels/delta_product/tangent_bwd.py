@@ -166,37 +166,41 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
             b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
             b_hdh += tl.sum(b_h * b_dh, 1)
             b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
+    store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    # dẆ above, then dQ̇, dK̇ and the gate's terms, each stored when formed (fewer tiles alive at once)
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
+        a_t = exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t)
         b_tdq = exp_tangent(b_dqa, b_tdqa, g_t[:, None], tg_t[:, None])
-        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
-        b_tdk = exp_tangent(b_dkt, b_tdkt, (g_l - g_i)[:, None], (tg_l - tg_i)[:, None])
-        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-        b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
-        b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
-        b_tdpp = tl.where(own, 0.0, b_tdpm * b_s + b_dpm * b_ts)
-        b_tdkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_tdkt * b_kt + b_dkt * b_tkt, 1))
-        tdg = gate_cotangent(exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t),
-                             b_tdpp, b_tdkk, exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own, o_t,
-                             t_last)
-        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
     else:
         b_dpm = tl.where(m_s, b_dp, 0.0)
         b_tdpm = tl.where(m_s, b_tdp, 0.0)
         b_tdq = b_tdqa
-        b_tdk = b_tdkt
     b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
-    b_tdk += mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
     store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
+    if USE_G:
+        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+        b_tdkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_tdkt * b_kt + b_dkt * b_tkt, 1))
+        b_tdk = exp_tangent(b_dkt, b_tdkt, (g_l - g_i)[:, None], (tg_l - tg_i)[:, None])
+    else:
+        b_tdk = b_tdkt
+    b_tdk += mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
     store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
-    store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
+    if USE_G:
+        b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
+        b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
+        b_tdpp = tl.where(own, 0.0, b_tdpm * b_s + b_dpm * b_ts)
+        tdg = gate_cotangent(a_t, b_tdpp, b_tdkk, exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own,
+                             o_t, t_last)
+        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
 
 
 @triton.jit

@@ -45,17 +45,6 @@ def _spy(monkeypatch, module, name: str, calls: list, record=None) -> None:
     monkeypatch.setattr(module, name, spy)
 
 
-def _spy_scan_splits(monkeypatch) -> list:
-    """A list that gets ``SPLIT`` of each tangent scan launch (None for the other tangent kernels)."""
-    from kernels.delta_product import tangent_bwd, tangent_fwd
-
-    splits = []
-    for module in (tangent_fwd, tangent_bwd):
-        _spy(monkeypatch, module, "launch", splits,
-             lambda kernel, *a, **kw: kw.get("SPLIT") if "scan" in kernel.fn.__name__ else None)
-    return splits
-
-
 def _loop_scan(a, X, Y, B, h0, C, reverse):
     """``H_{c+1} = a_c H_c + X_cᵀ (B_c − Y_c H_c) + C_c`` (mirrored for ``reverse``), a PyTorch loop."""
     n = X.shape[1]
@@ -234,57 +223,46 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     _all_orders(kernel, x, 2e-5, torch.float32)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split, scan_split", [
-    (70, 1, False, 16, 32, torch.float32, "f32", "f32"),   # two chunks, T not divisible by the chunk
-    (40, 2, True, 32, 16, torch.float32, "f32", "f32"),
-    (40, 2, True, 32, 16, torch.float32, "off", "f32"),    # the one-kernel tangent of wy_bwd in float32
-    (30, 3, True, 24, 20, torch.float32, "f32", "f32"),    # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16, torch.float32, "f32", "f32"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, "f32", "f32"),
-    (40, 2, True, 32, 16, torch.bfloat16, "on", "f32"),    # the two-kernel tangent of wy_bwd in bf16
-    (40, 2, True, 80, 40, torch.float32, "f32", "f32"),    # the scans' state in halves, the second partly masked
-    (40, 2, True, 80, 40, torch.bfloat16, "f32", "on"),    # the same in bf16
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split", [
+    (70, 1, False, 16, 32, torch.float32, "f32"),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16, torch.float32, "f32"),
+    (40, 2, True, 32, 16, torch.float32, "off"),    # the one-kernel tangent of wy_bwd in float32
+    (30, 3, True, 24, 20, torch.float32, "f32"),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32, "f32"),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, "f32"),
+    (40, 2, True, 32, 16, torch.bfloat16, "on"),    # the two-kernel tangent of wy_bwd in bf16
 ])
-def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, scan_split, monkeypatch):
+def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, monkeypatch):
     """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
-    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype,
-    the tangent scans' state in halves (``scan_split``) in each."""
+    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
-    monkeypatch.setattr(TUNING, "scan_split", scan_split)
-    splits = _spy_scan_splits(monkeypatch)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
 
     def kernel(**a):
         return chunk_delta_product(**a, output_final_state=True, scale=0.8)
 
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
-    assert set(splits) - {None} == {K > 64 and TUNING.split_scan(dtype)}, splits
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, block, wy_split, scan_split", [
-    (70, 1, False, 16, 32, torch.float32, 0, "f32", "f32"),   # two chunks, the second partial
-    (30, 3, True, 24, 20, torch.float32, 0, "f32", "f32"),    # 63 micro-steps per chunk, odd head dims
-    (30, 3, True, 24, 20, torch.float32, 0, "off", "f32"),    # the one-kernel tangent of wy_bwd in float32
-    (5, 4, False, 16, 16, torch.float32, 0, "f32", "f32"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, 0, "f32", "f32"),
-    (40, 2, True, 32, 16, torch.bfloat16, 0, "on", "f32"),    # the two-kernel tangent of wy_bwd in bf16
-    (40, 2, True, 48, 40, torch.float32, 16, "f32", "f32"),   # tiles of 16 columns: several key and value blocks
-    (40, 2, True, 80, 40, torch.float32, 0, "f32", "f32"),    # the scans' state in halves, the second partly masked
-    (40, 2, True, 80, 40, torch.bfloat16, 0, "f32", "on"),    # the same in bf16
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, block, wy_split", [
+    (70, 1, False, 16, 32, torch.float32, 0, "f32"),   # two chunks, the second partial
+    (30, 3, True, 24, 20, torch.float32, 0, "f32"),    # 63 micro-steps per chunk, odd head dims
+    (30, 3, True, 24, 20, torch.float32, 0, "off"),    # the one-kernel tangent of wy_bwd in float32
+    (5, 4, False, 16, 16, torch.float32, 0, "f32"),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, 0, "f32"),
+    (40, 2, True, 32, 16, torch.bfloat16, 0, "on"),    # the two-kernel tangent of wy_bwd in bf16
+    (40, 2, True, 48, 40, torch.float32, 16, "f32"),   # tiles of 16 columns: several key and value blocks per loop
 ])
-def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_split, scan_split, monkeypatch):
+def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_split, monkeypatch):
     """``TUNING.tangent_gate``: the double backward and ``torch.func.jvp`` of gated inputs (``g`` with a
     direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
-    poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype, the
-    tangent scans' state in halves (``scan_split``) in each."""
+    poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
-    monkeypatch.setattr(TUNING, "scan_split", scan_split)
-    splits = _spy_scan_splits(monkeypatch)
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,
@@ -297,7 +275,6 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
     # the double backward (a tangent forward and backward) and the jvp (a tangent forward), all gated
     assert sorted(calls) == [("chunk_bwd_tangent", True)] + [("chunk_fwd_tangent", True)] * 2, calls
-    assert set(splits) - {None} == {K > 64 and TUNING.split_scan(dtype)}, splits
 
 
 @pytest.mark.parametrize("gate, tangent_gate", [(False, False), (True, False), (True, True)])

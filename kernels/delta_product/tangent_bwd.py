@@ -65,64 +65,30 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl
 
 
 @triton.jit
-def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale, i_c, i_b, i_h, i_bh,
-              T, N, NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-              BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-              DOT: tl.constexpr, PREC: tl.constexpr):
+def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N,
+              NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+              BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``; with a gate ``K̃`` for ``K``
     (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`), ``dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})``
-    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``. The state is ``b_tdh`` (rows ``o_k``) and, with
-    ``SPLIT``, ``b_tdh2`` (rows ``o_k + BK``), each with its own key columns."""
-    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``."""
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     _, t_t, m_t = tokens(i_c, T, CT, BQ)
-    b_tdu = load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_tdu, b_tdh, b_tq = _tdu_rows(q, k, G, dHs + h_ptr, tq, tk, tG, b_tdh, b_tdu, scale, i_c, i_b, i_h, T, N, n_i,
-                                   m_i, tok_i, t_t, m_t, H, o_k, m_k, o_v, m_v, K, V, CT, USE_G, DOT, PREC)
-    if SPLIT:
-        store_rows(tdHs + h_ptr, b_tdh2, o_k2, m_k2, V, o_v, m_v)
-        b_tdu, b_tdh2, b_tq2 = _tdu_rows(q, k, G, dHs + h_ptr, tq, tk, tG, b_tdh2, b_tdu, scale, i_c, i_b, i_h, T, N,
-                                         n_i, m_i, tok_i, t_t, m_t, H, o_k2, m_k2, o_v, m_v, K, V, CT, USE_G, DOT,
-                                         PREC)
-    store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
-    b_tdh = _tdh_update(W, dO, dU, tW, b_tdh, b_tq, b_tdu, i_b, i_h, i_bh, T, N, n_i, m_i, t_t, m_t, H, o_k, m_k, o_v,
-                        m_v, K, V, DOT, PREC)
-    if SPLIT:
-        b_tdh2 = _tdh_update(W, dO, dU, tW, b_tdh2, b_tq2, b_tdu, i_b, i_h, i_bh, T, N, n_i, m_i, t_t, m_t, H, o_k2,
-                             m_k2, o_v, m_v, K, V, DOT, PREC)
-    return b_tdh, b_tdh2
-
-
-@triton.jit
-def _tdu_rows(q, k, G, dHs, tq, tk, tG, b_tdh, b_tdu, scale, i_c, i_b, i_h, T, N, n_i, m_i, tok_i, t_t, m_t, H, o_k,
-              m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, CT: tl.constexpr, USE_G: tl.constexpr,
-              DOT: tl.constexpr, PREC: tl.constexpr):
-    """``dU̇ + K̇ dS_{c+1} + K dṠ_{c+1}`` for the state rows ``o_k`` (``K̇``'s, ``K``'s columns ``o_k``; ``dHs`` at
-    the chunk), those rows of ``dṠ_{c+1}`` and the columns ``o_k`` of ``scale·Q̇``, each with the gate's factors
-    (:func:`_tdh_step`)."""
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_dh = load_rows(dHs, o_k, m_k, V, o_v, m_v)
+    b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
         b_tq = exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None])
-    b_tdu = b_tdu + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
+    b_tdu = load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
+    store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
     if USE_G:
         b_tdh = exp_tangent(b_dh, b_tdh, g_l, tg_l)
-    return b_tdu, b_tdh, b_tq
-
-
-@triton.jit
-def _tdh_update(W, dO, dU, tW, b_tdh, b_tq, b_tdu, i_b, i_h, i_bh, T, N, n_i, m_i, t_t, m_t, H, o_k, m_k, o_v, m_v,
-                K: tl.constexpr, V: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``dṠ_c = dṠ + Q̇ᵀ dO − Ẇᵀ dU − Wᵀ dU̇`` for the state rows ``o_k`` (``Ẇ``'s, ``W``'s columns ``o_k``; ``dṠ``,
-    ``Q̇`` as :func:`_tdu_rows` returns them)."""
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
     b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
     b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
@@ -134,28 +100,24 @@ def _tdh_update(W, dO, dU, tW, b_tdh, b_tq, b_tdu, i_b, i_h, i_bh, T, N, n_i, m_
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0"])
 def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
                            K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                           BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, STORE_DH0,
-                           USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
+                           BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, USE_G: tl.constexpr,
+                           DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
-    b_tdh2 = tl.zeros([BK, BV], dtype=tl.float32)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         it = 0
         while it < NC:
-            b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
-                                      NC - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
-                                      BQ, BK, SPLIT, USE_G, DOT, PREC)
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
+                              PREC)
             it += 1
     else:
         for it in range(NC):
-            b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
-                                      NC - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
-                                      BQ, BK, SPLIT, USE_G, DOT, PREC)
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
+                              PREC)
     if STORE_DH0 > 0:
         store_rows(tdH0 + i_bh * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(tdH0 + i_bh * K * V, b_tdh2, o_k + BK, o_k + BK < K, V, o_v, m_v)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
@@ -466,8 +428,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, G, W, do, dHs, dU, tq, tk, tG, tW,
-           tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"],
-           BV=c["BVS"], SPLIT=c["SPLIT"], STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
+           tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
+           BV=c["BVS"], STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)

@@ -134,47 +134,19 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
 
 
 @triton.jit
-def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v,
-             m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c = U̇₀ − Ẇ S_c − W Ṡ_c``; with a gate
-    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``. The state is
-    ``b_th`` (rows ``o_k``) and, with ``SPLIT``, ``b_th2`` (rows ``o_k + BK``), each with its own key columns."""
-    o_k2, m_k2 = o_k + BK, o_k + BK < K
+def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H,
+             K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+             USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``; with a gate
+    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``."""
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    b_tu = load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_tu, b_h = _tu_rows(W, Hs + h_ptr, tW, b_th, b_tu, i_bh, N, n_i, m_i, o_k, m_k, o_v, m_v, K, V, DOT, PREC)
-    if SPLIT:
-        store_rows(tHs + h_ptr, b_th2, o_k2, m_k2, V, o_v, m_v)
-        b_tu, b_h2 = _tu_rows(W, Hs + h_ptr, tW, b_th2, b_tu, i_bh, N, n_i, m_i, o_k2, m_k2, o_v, m_v, K, V, DOT,
-                              PREC)
+    b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
+    b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
+            - mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC))
     store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
-    b_th = _th_update(k, G, U, tk, tG, b_h, b_th, b_tu, i_c, i_b, i_h, i_bh, T, N, n_i, m_i, tok_i, H, o_k, m_k, o_v,
-                      m_v, K, V, CT, USE_G, DOT, PREC)
-    if SPLIT:
-        b_th2 = _th_update(k, G, U, tk, tG, b_h2, b_th2, b_tu, i_c, i_b, i_h, i_bh, T, N, n_i, m_i, tok_i, H, o_k2,
-                           m_k2, o_v, m_v, K, V, CT, USE_G, DOT, PREC)
-    return b_th, b_th2
-
-
-@triton.jit
-def _tu_rows(W, Hs, tW, b_th, b_tu, i_bh, N, n_i, m_i, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
-             DOT: tl.constexpr, PREC: tl.constexpr):
-    """``U̇ − Ẇ S_c − W Ṡ_c`` for the state rows ``o_k`` (``Ẇ``'s, ``W``'s columns ``o_k``; ``Hs`` at the chunk),
-    and those rows of ``S_c``."""
-    b_h = load_rows(Hs, o_k, m_k, V, o_v, m_v)
-    b_tu = b_tu - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
-    return b_tu - mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC), b_h
-
-
-@triton.jit
-def _th_update(k, G, U, tk, tG, b_h, b_th, b_tu, i_c, i_b, i_h, i_bh, T, N, n_i, m_i, tok_i, H, o_k, m_k, o_v, m_v,
-               K: tl.constexpr, V: tl.constexpr, CT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
-               PREC: tl.constexpr):
-    """``Ṡ_{c+1} = Ṡ_c + K̇ᵀ U_c + Kᵀ U̇_c`` for the state rows ``o_k`` (``K̇``'s, ``K``'s columns ``o_k``;
-    ``b_h``: those of ``S_c``), with a gate ``e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``."""
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     if USE_G:
@@ -188,30 +160,24 @@ def _th_update(k, G, U, tk, tG, b_h, b_th, b_tu, i_c, i_b, i_h, i_bh, T, N, n_i,
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
 def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, K: tl.constexpr,
                           V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, USE_H0,
-                          STORE_HT, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
+                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT,
+                          DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_th = tl.zeros([BK, BV], dtype=tl.float32)
-    b_th2 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
         b_th += load_rows(tH0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            b_th2 += load_rows(tH0 + i_bh * K * V, o_k + BK, o_k + BK < K, V, o_v, m_v)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = 0
         while i_c < NC:
-            b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N,
-                                   NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
+            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
-            b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N,
-                                   NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
+            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
     if STORE_HT > 0:
         store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(tHT + i_bh * K * V, b_th2, o_k + BK, o_k + BK < K, V, o_v, m_v)
 
 
 @triton.jit
@@ -314,8 +280,8 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
-           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BKS"], BV=c["BVS"],
-           SPLIT=c["SPLIT"], USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
+           USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)

@@ -175,9 +175,9 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     split = TUNING.split_scan(q.dtype) and bk > 64
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk, SPLIT=split, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)),
-                BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)), DOT=dot, PREC=prec,
-                INTERPRET=interpreting())
+                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk, SPLIT=split, BVP=bv,
+                BKB=min(bk, TUNING.tile(q.dtype)), BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)),
+                DOT=dot, PREC=prec, INTERPRET=interpreting())
 
 
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,

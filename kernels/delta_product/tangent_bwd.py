@@ -16,7 +16,9 @@ held fixed, the tangents of the gradients are the Hessian-vector product ``∇²
    by the product rule on ``dQ = dO Sᵀ + (dP ⊙ M) K``, ``dP = dO Uᵀ``,
    ``dK ⊇ (dP ⊙ M)ᵀ Q + U dS_{c+1}ᵀ``.
 4. :func:`wy_bwd_tangent_kernel` (parallel): the tangents of ``dX = Tᵀ dW``, ``dY = Tᵀ dU``,
-   ``dA = −Tᵀ (dW Xᵀ + dU Yᵀ) Tᵀ`` (strictly lower) and then of ``dK, dV, dβ`` (and ``dG``).
+   ``dA = −Tᵀ (dW Xᵀ + dU Yᵀ) Tᵀ`` (strictly lower) and then of ``dK, dV, dβ`` (and ``dG``); with
+   ``Tuning.wy_split`` only those of ``dA`` and ``dC + dCᵀ``, and :func:`wy_cols_tangent_kernel` (parallel over
+   chunks and column tiles) the rest.
 """
 from __future__ import annotations
 
@@ -256,9 +258,9 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``.
 
     ``SPLIT`` (``Tuning.wy_split``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
-    loops, which accumulate ``dT`` and ``dṪ`` alone, and ``K Kᵀ``, ``K̇ Kᵀ`` are formed after ``dA``; the program stores ``dC + dCᵀ`` and
-    ``dĊ + dĊᵀ`` (``dC = diag(β) dA``) in ``DC``, ``tDC`` and, as the first partial sums ``tdbeta``, ``tdG``,
-    the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
+    loops, which accumulate ``dT`` and ``dṪ`` alone, and ``K Kᵀ``, ``K̇ Kᵀ`` are formed after ``dA``; the program
+    stores ``dC + dCᵀ`` and ``dĊ + dĊᵀ`` (``dC = diag(β) dA``) in ``DC``, ``tDC`` and, as the first partial sums
+    ``tdbeta``, ``tdG``, the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
     :func:`wy_cols_tangent_kernel` does the rest, one column tile per program."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_f, b_tf = b_beta, b_tbeta  # X's row factor f and its tangent

@@ -28,6 +28,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``(num_warps, tile as a share of Tuning.tile)`` of each tangent kernel (``tangent_fwd``,
 #: ``tangent_bwd``) for 16-bit inputs, the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
+#: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
+#: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (8, 0.5),
                   "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half

@@ -253,6 +253,7 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, monkeypatch
     (5, 4, False, 16, 16, torch.float32, 0, "f32"),    # one short chunk
     (40, 2, True, 32, 16, torch.bfloat16, 0, "f32"),
     (40, 2, True, 32, 16, torch.bfloat16, 0, "on"),    # the two-kernel tangent of wy_bwd in bf16
+    (20, 2, False, 64, 48, torch.bfloat16, 0, "on"),   # its two kernels on tiles of 32 and 64 columns
     (40, 2, True, 48, 40, torch.float32, 16, "f32"),   # tiles of 16 columns: several key and value blocks per loop
 ])
 def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_split, monkeypatch):

@@ -445,18 +445,19 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
-    warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
     split = TUNING.split_wy(q.dtype)
-    tiles = triton.cdiv(K, bkb) + triton.cdiv(V, bvb) if split else 0  # of wy_cols_tangent_kernel
+    cols = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
+    tiles = triton.cdiv(K, cols[1]) + triton.cdiv(V, cols[2]) if split else 0  # of wy_cols_tangent_kernel
     tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without split)
     tdG2 = alloc(1 + tiles, B, T, H, device=dev, dtype=f32) if gate is not None else None
     DC, tDC = (alloc(B, H, N, BT, device=dev, dtype=f32) for _ in range(2)) if split else (tdbeta, tdbeta)
     args = (k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_part)
     tdg = tdG2 if gate is not None else tdbeta
+    warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
     launch(wy_bwd_tangent_kernel, (NC, B * H), *args, tdk, tdv, tdbeta, tdg, DC, tDC, T, N, BQ=c["BQ"], BKB=bkb,
            BVB=bvb, SPLIT=split, num_warps=warps, **common)
     if split:
-        warps, bkb, bvb = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
+        warps, bkb, bvb = cols
         launch(wy_cols_tangent_kernel, (NC, B * H, tiles), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
                SB=tdbeta[0].numel(), SG=tdg[0].numel(), BQ=c["BQ"], BKB=bkb, BVB=bvb, num_warps=warps, **common)
     tdG = tdG1.sum(0) + tdG2.sum(0) if gate is not None else None

@@ -160,11 +160,11 @@ def _dq_dp_tile(b_h, b_u, b_do, b_dqa, b_dp, DOT: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
-def _dk_tile(Hs, h_ptr, b_u, b_dh, b_dkt, b_hdh, o_k, m_k, V: tl.constexpr, o_v, m_v, USE_G: tl.constexpr,
-             DOT: tl.constexpr, PREC: tl.constexpr):
-    """One value tile's terms of ``U dS_{c+1}ᵀ`` and, with a gate, of ``Σ_v S_c ⊙ dS_{c+1}``."""
+def _dk_tile(b_u, b_dh, b_h, b_dkt, b_hdh, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One value tile's terms of ``U dS_{c+1}ᵀ`` and, with a gate, of ``Σ_v S_c ⊙ dS_{c+1}`` (``b_h``, ``S_c``, is
+    read only then)."""
     if USE_G:
-        b_hdh += tl.sum(load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v) * b_dh, 1)
+        b_hdh += tl.sum(b_h * b_dh, 1)
     return b_dkt + mm(b_u, tl.trans(b_dh), DOT, PREC), b_hdh
 
 
@@ -196,8 +196,8 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
             b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
             b_dqa, b_dp = _dq_dp_tile(b_h, b_u, load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
                                       b_dqa, b_dp, DOT, PREC)
-            b_dkt, b_hdh = _dk_tile(Hs, h_ptr, b_u, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh,
-                                    o_k, m_k, V, o_v, m_v, USE_G, DOT, PREC)
+            b_dkt, b_hdh = _dk_tile(b_u, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_h, b_dkt, b_hdh, USE_G,
+                                    DOT, PREC)
     store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
     if SPLIT:  # dW's loop above, then dQ's and dP's sums, then dK's: fewer tiles alive at once
         for i_v in range(tl.cdiv(V, BVB)):
@@ -210,9 +210,9 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
         for i_v in range(tl.cdiv(V, BVB)):
             o_v = i_v * BVB + tl.arange(0, BVB)
             m_v = o_v < V
-            b_dkt, b_hdh = _dk_tile(Hs, h_ptr, load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                    load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, o_k, m_k, V, o_v,
-                                    m_v, USE_G, DOT, PREC)
+            b_dkt, b_hdh = _dk_tile(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                    load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, DOT, PREC)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)

@@ -224,6 +224,16 @@ def _t_transpose_times(b_T, b_tT, b_d, b_td, DOT: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def _x_factor(G, tG, b_beta, b_tbeta, i_b, i_h, tok_i, m_i, T, H, USE_G: tl.constexpr):
+    """``X = diag(f) K``'s row factor ``f`` (``β``, or ``β e^G`` with a gate) and its tangent ``ḟ``, with ``G`` and
+    ``Ġ`` at the micro-steps (``β`` and ``β̇`` stand in for them without a gate, unread)."""
+    if USE_G:
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        return b_beta * tl.exp(g_i), exp_tangent(b_beta, b_tbeta, g_i, tg_i), g_i, tg_i
+    return b_beta, b_tbeta, b_beta, b_tbeta
+
+
+@triton.jit
 def _dy_block(b_T, b_tT, b_v, b_tv, b_du, b_tdu, b_beta, b_tbeta, DOT: tl.constexpr, PREC: tl.constexpr):
     """For one value block: the tangent of ``dV = diag(β) dY`` (``dY = Tᵀ dU``) and of ``dY``'s ``dβ`` term
     ``Σ_d dY ⊙ V``."""
@@ -263,12 +273,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     ``tdbeta``, ``tdG``, the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
     :func:`wy_cols_tangent_kernel` does the rest, one column tile per program."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
-    b_f, b_tf = b_beta, b_tbeta  # X's row factor f and its tangent
-    g_i, tg_i = b_beta, b_tbeta  # placeholders without a gate
-    if USE_G:
-        g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
-        b_f = b_beta * tl.exp(g_i)
-        b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
+    b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
     if not SPLIT:
         b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
@@ -367,12 +372,7 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
     b_tdg = tl.zeros([BT], dtype=tl.float32)
     NKT: tl.constexpr = (K + BKB - 1) // BKB
     if i_t < NKT:
-        b_f, b_tf = b_beta, b_tbeta
-        g_i, tg_i = b_beta, b_tbeta  # placeholders without a gate
-        if USE_G:
-            g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
-            b_f = b_beta * tl.exp(g_i)
-            b_tf = exp_tangent(b_beta, b_tbeta, g_i, tg_i)
+        b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
         o_k = i_t * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
@@ -460,5 +460,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         warps, bkb, bvb = cols
         launch(wy_cols_tangent_kernel, (NC, B * H, tiles), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
                SB=tdbeta[0].numel(), SG=tdg[0].numel(), BQ=c["BQ"], BKB=bkb, BVB=bvb, num_warps=warps, **common)
-    tdG = tdG1.sum(0) + tdG2.sum(0) if gate is not None else None
-    return tdq, tdk, tdv, tdbeta.sum(0), tdG, tdh0
+    def total(parts: Tensor) -> Tensor:  # the partial sums of the split form; the one slot otherwise
+        return parts.sum(0) if split else parts[0]
+
+    tdG = tdG1.sum(0) + total(tdG2) if gate is not None else None
+    return tdq, tdk, tdv, total(tdbeta), tdG, tdh0

@@ -214,8 +214,7 @@ class Tuning:
         if self.tangent_min_dim < 0:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              ("wy_late", ("f32", "on", "off")), ("scan_split", ("f32", "on", "off")),
-                              ("wy_split", ("f32", "on", "off")), ("dqkw_split", ("f32", "on", "off")),
+                              *((n, ("f32", "on", "off")) for n in ("wy_late", "scan_split", "wy_split", "dqkw_split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),

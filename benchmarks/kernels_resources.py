@@ -87,9 +87,9 @@ class Compiler:
     def __init__(self):
         self.rows: list[dict] = []
 
-    def __call__(self, kernel, grid, *args, num_warps: int = 4, **kwargs) -> None:
+    def __call__(self, kernel, grid, *args, num_warps: int = 4, max_stages: int | None = None, **kwargs) -> None:
         src = ASTSource(kernel, *signature(kernel, args, kwargs))
-        stages, start = TUNING.stages, time.time()
+        stages, start = min(TUNING.stages, max_stages or TUNING.stages), time.time()
         while True:
             ck = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
             if ck.metadata.shared <= MAX_SHARED or stages == 1:

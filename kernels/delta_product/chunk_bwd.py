@@ -23,6 +23,7 @@ from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
     load_rows,
+    load_tile,
     masked_exp,
     mm,
     scan_program,
@@ -81,10 +82,10 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_a = tl.exp(g_l)
     rows_k = i_b * N + n_i
     b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_du += mm(load_rows(k + i_h * K, rows_k, m_i, H * K, o_k, m_k) * b_d[:, None], b_dh, DOT, PREC)
+    b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k), b_dh, DOT, PREC) * b_d[:, None]
     if SPLIT:
         store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
-        b_du += mm(load_rows(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2) * b_d[:, None], b_dh2, DOT, PREC)
+        b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2), b_dh2, DOT, PREC) * b_d[:, None]
     store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
     b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
     b_dh = _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K, t_t, m_t, n_i, m_i, o_k, m_k,
@@ -98,10 +99,10 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
 @triton.jit
 def _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K: tl.constexpr, t_t, m_t, n_i, m_i,
                o_k, m_k, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``a dS + (diag(e) Q)ᵀ dO − Wᵀ dU`` for the state rows ``o_k`` (``Q``'s and ``W``'s columns ``o_k``)."""
-    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * b_e[:, None]
-    b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    return b_dh * b_a + mm(tl.trans(b_q), b_do, DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
+    """``a dS + Qᵀ diag(e) dO − Wᵀ dU`` for the state rows ``o_k`` (``Q``'s and ``W``'s columns ``o_k``)."""
+    b_q = load_tile(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
+    b_w = load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
+    return b_dh * b_a + mm(tl.trans(b_q), b_do * b_e[:, None], DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0"])
@@ -375,7 +376,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
            BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, USE_DHT=int(dht is not None),
-           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, **common)
+           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
+           max_stages=TUNING.stages_scan, **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)

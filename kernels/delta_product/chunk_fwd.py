@@ -19,6 +19,7 @@ from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
     load_rows,
+    load_tile,
     masked_exp,
     mm,
     scan_program,
@@ -44,7 +45,7 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_k = load_tile(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_A = b_kk * b_beta[:, None]
@@ -63,14 +64,16 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
     else:
         b_T = unit_lower_inverse(b_A, o_i, BT, 16, PREC_T)
         store_rows(Ti + i_bh * N * BT, b_T, n_i, m_i, BT, o_i, o_i < BT)
+    b_tx = b_T * b_x[None, :]  # T diag(x): W = T diag(x) K, U₀ = T diag(β) V
+    b_tb = b_T * b_beta[None, :]
     for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        store_rows(W + i_bh * N * K, mm(b_T, b_k * b_x[:, None], DOT, PREC), n_i, m_i, K, o_k, o_k < K)
+        b_k = load_tile(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        store_rows(W + i_bh * N * K, mm(b_tx, b_k, DOT, PREC), n_i, m_i, K, o_k, o_k < K)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
-        b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-        store_rows(U0 + i_bh * N * V, mm(b_T, b_v * b_beta[:, None], DOT, PREC), n_i, m_i, V, o_v, o_v < V)
+        b_v = load_tile(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
+        store_rows(U0 + i_bh * N * V, mm(b_tb, b_v, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
 
 
 @triton.jit
@@ -83,10 +86,10 @@ def _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m
     store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     b_u = load_rows(U0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_u -= mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
+    b_u -= mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
     if SPLIT:
         store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h2, o_k2, m_k2, V, o_v, m_v)
-        b_u -= mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2), b_h2, DOT, PREC)
+        b_u -= mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2), b_h2, DOT, PREC)
     store_rows(U + i_bh * N * V, b_u, n_i, m_i, V, o_v, m_v)
     b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K and the state's decay e^{G_L}
     b_a = 1.0
@@ -103,9 +106,9 @@ def _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m
 
 @triton.jit
 def _h_update(k, rows, m_rows, row_stride, o_k, m_k, b_h, b_u, b_d, b_a, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``a S + (diag(d) K)ᵀ U`` for the state rows ``o_k`` (``K``'s columns ``o_k``)."""
-    b_k = load_rows(k, rows, m_rows, row_stride, o_k, m_k) * b_d[:, None]
-    return b_h * b_a + mm(tl.trans(b_k), b_u, DOT, PREC)
+    """``a S + Kᵀ diag(d) U`` for the state rows ``o_k`` (``K``'s columns ``o_k``)."""
+    b_k = load_tile(k, rows, m_rows, row_stride, o_k, m_k)
+    return b_h * b_a + mm(tl.trans(b_k), b_u * b_d[:, None], DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
@@ -210,7 +213,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, gp, W, U0, h0 if h0 is not None else W, Hs, U,
            ht if ht is not None else W, T, N, NC, BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g,
            USE_H0=int(h0 is not None), STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"],
-           num_warps=TUNING.warps_scan, **common)
+           num_warps=TUNING.warps_scan, max_stages=TUNING.stages_scan, **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
            BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)

@@ -48,6 +48,16 @@ def load_rows(ptr, rows, m_rows, row_stride, cols, m_cols):
 
 
 @triton.jit
+def load_tile(ptr, rows, m_rows, row_stride, cols, m_cols):
+    """:func:`load_rows` in the pointer's dtype, for a tile read only as matmul operands: a 16-bit tile then
+    reaches the tensor cores (transposed or not) through shared memory, prefetched by the software pipeline,
+    with no float32 round trip (scale the other operand or the product instead of the tile). Not for a tile
+    also read elementwise: in a pipelined loop such a tile gave wrong sums on an H100 with Triton 3.6."""
+    p = ptr + rows[:, None] * row_stride + cols[None, :]
+    return tl.load(p, mask=m_rows[:, None] & m_cols[None, :], other=0.0)
+
+
+@triton.jit
 def store_rows(ptr, x, rows, m_rows, row_stride, cols, m_cols):
     """Store ``x`` at ``ptr[rows[:, None] * row_stride + cols[None, :]]`` in the pointer's dtype."""
     p = ptr + rows[:, None] * row_stride + cols[None, :]

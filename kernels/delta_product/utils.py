@@ -77,6 +77,9 @@ class Tuning:
         tile_wy: key / value columns per tile of ``wy_bwd``; 0: half of :meth:`tile` (:meth:`wy_tile`).
         bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
         stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
+        stages_scan: the same for the chunk scans ``scan_h`` and ``scan_dh`` (at most ``stages``). On an H100
+            at n_h = 2 two stages take bf16 ``scan_dh`` from 0.67 to 0.45 ms and float32 ``scan_h`` from 1.41 to
+            1.04 ms against three (``benchmarks/results/kernels_scan_tiles.json``).
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
             ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
             only, since the gate cotangent cancels terms computed from them).
@@ -136,6 +139,7 @@ class Tuning:
     tile_wy: int = 0
     bk_dqkw: int = 64
     stages: int = 3
+    stages_scan: int = 2
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"
@@ -211,6 +215,9 @@ class Tuning:
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
+        if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4:
+            raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4, got "
+                             f"`{self.stages}`, `{self.stages_scan}`")
         if self.tangent_min_dim < 0:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
@@ -380,11 +387,13 @@ def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
 _STAGES: dict[tuple, int] = {}
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (``TUNING.stages`` down
-    to 1) that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
-    key = (id(kernel), TUNING.stages) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-    stages = _STAGES.get(key, TUNING.stages)
+def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (``TUNING.stages``, or ``max_stages``
+    when smaller, down to 1) that fits in shared memory; the depth that worked is remembered per kernel and
+    constexprs."""
+    deepest = min(TUNING.stages, max_stages or TUNING.stages)
+    key = (id(kernel), deepest) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    stages = _STAGES.get(key, deepest)
     while True:
         try:
             kernel[grid](*args, num_stages=stages, **kwargs)

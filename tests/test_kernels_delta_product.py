@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from kernels.delta_product import chunk_delta_product
-from kernels.delta_product.utils import TUNING, Tuning
+from kernels.delta_product import utils
+from kernels.delta_product.utils import TUNING, Tuning, launch
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
@@ -160,6 +162,34 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: records each launch's ``num_stages`` and runs out of shared memory above
+    ``fits`` stages."""
+
+    def __init__(self, fits: int):
+        self.fits, self.tried = fits, []
+
+    def __getitem__(self, grid):
+        def run(*args, num_stages, **kwargs):
+            self.tried.append(num_stages)
+            if num_stages > self.fits:
+                raise triton.runtime.errors.OutOfResources(num_stages, self.fits, "shared memory")
+        return run
+
+
+@pytest.mark.parametrize("max_stages, fits, tried", [(None, 9, [3]), (2, 9, [2]), (None, 1, [3, 2, 1]),
+                                                     (2, 1, [2, 1]), (5, 9, [3])])
+def test_launch_caps_and_steps_down_the_pipeline(tuned, monkeypatch, max_stages, fits, tried):
+    tuned("stages=3")
+    monkeypatch.setattr(utils, "_STAGES", {})  # keyed by id(kernel): no entry of an earlier fake
+    kernel = _FakeKernel(fits)
+    launch(kernel, (1,), max_stages=max_stages, X=fits)
+    launch(kernel, (1,), max_stages=max_stages, X=fits)  # the depth that worked is remembered
+    assert kernel.tried == tried + tried[-1:]
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        launch(_FakeKernel(0), (1,), max_stages=max_stages)
 
 
 def test_uncorrelated_keys_beta_up_to_one():

@@ -1,0 +1,73 @@
+"""GPU: the fused kernels' outputs at several software-pipeline depths, each depth run twice.
+
+A kernel whose result depends on ``num_stages`` or differs between two identical runs has a race (a
+prefetched shared-memory tile overwritten while still read) or a miscompile; the float64 reference says
+which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate) at
+``Tuning.stages`` = ``stages_scan`` = 3, 3 again, 2 and 1, every output and saved intermediate against the
+first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors).
+
+    python benchmarks/kernels_stage_check.py [--dtypes bfloat16 float32] [--nh 2 3] [--shape B T H D] [--out DIR]
+
+Without a GPU it runs under ``TRITON_INTERPRET=1`` on the CPU (a check of the script only: the interpreter
+has no pipeline).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_common import make_inputs, reference_fn, rel, run_and_save
+
+from kernels.delta_product import chunk_bwd, chunk_fwd
+from kernels.delta_product.utils import TUNING
+
+DEPTHS = (3, 3, 2, 1)
+NAMES = ("o", "Ti", "W", "Hs", "U", "dq", "dk", "dv", "dbeta", "dU", "dHs", "dW")
+
+
+def outputs(x: dict, do, scale: float, stages: int) -> dict:
+    TUNING.stages = TUNING.stages_scan = stages
+    beta = x["beta"].float()
+    o, _, saved = chunk_fwd.chunk_fwd(x["q"], x["k"], x["v"], beta, None, None, scale, False)
+    grads, mids = chunk_bwd.chunk_bwd(x["q"], x["k"], x["v"], beta, None, None, scale, saved, do, None)
+    return dict(zip(NAMES, (t.clone() for t in (o, *saved, *grads[:4], *mids))))
+
+
+def check(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int]) -> dict:
+    B, T, H, D = shape
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, correlated=n_h > 1, seed=n_h, device=dev)
+    do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
+    runs = [outputs(x, do, D ** -0.5, s) for s in DEPTHS]
+    x64 = {n: t.double().requires_grad_(True) for n, t in x.items() if t is not None}
+    o64, _ = reference_fn(D ** -0.5, n_h)(x64)
+    g64 = torch.autograd.grad(o64, [x64[n] for n in ("q", "k", "v", "beta")], do.double())
+    ref = dict(zip(("o", "dq", "dk", "dv", "dbeta"), (o64, *g64)))
+    row = dict(dtype=str(dtype)[6:], n_h=n_h, depths=list(DEPTHS),
+               vs_first={n: [rel(r[n], runs[0][n]) for r in runs[1:]] for n in NAMES},
+               vs_float64={n: [rel(r[n], ref[n]) for r in runs] for n in ref})
+    row["same_at_every_depth"] = all(e == 0.0 for errs in row["vs_first"].values() for e in errs)
+    print(row["dtype"], n_h, "same at every depth:", row["same_at_every_depth"],
+          {n: f"{max(e):.2e}" for n, e in row["vs_float64"].items()}, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
+    ap.add_argument("--nh", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--shape", type=int, nargs=4, default=[2, 2048, 8, 128], metavar=("B", "T", "H", "D"))
+    ap.add_argument("--json", default="kernels_stage_check.json", help="file name under --out")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    run_and_save(lambda: [check(getattr(torch, dt), n_h, tuple(args.shape)) for dt in args.dtypes for n_h in args.nh],
+                 args.out, args.json, shape=args.shape)
+
+
+if __name__ == "__main__":
+    main()

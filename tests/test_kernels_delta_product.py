@@ -109,6 +109,9 @@ def tuned():
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
         ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36, True),  # wy_bwd over three masked tiles
+        ("fuse_out=1", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
+        ("fuse_out=1,bv_scan=16", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
+        ("fuse_out=1", torch.bfloat16, 1, 32, 32, False),
     ],
 )
 def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V, gate):

@@ -6,7 +6,8 @@
 2. :func:`scan_h_kernel` (sequential over chunks): ``S_c`` stored, ``U_c = U₀ − W S_c``,
    ``S_{c+1} = e^{G_L} S_c + (diag(e^{G_L−G}) K)ᵀ U_c``.
 3. :func:`out_kernel` (parallel): ``O = scale·(diag(e^{Gq}) Q S_c + (Q Kᵀ ⊙ M) U_c)`` at the real
-   tokens only (``M_ti = e^{Gq_t − G_i}[i ≤ last(t)]``, ``Q`` rows are tokens, not micro-steps).
+   tokens only (``M_ti = e^{Gq_t − G_i}[i ≤ last(t)]``, ``Q`` rows are tokens, not micro-steps); with
+   ``Tuning.fuse_out`` the scan forms it instead, while it holds ``S_c``, ``U_c`` and ``K``.
 """
 from __future__ import annotations
 
@@ -77,14 +78,17 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
 
 
 @triton.jit
-def _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+def _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-            BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Chunk ``i_c``: store ``S_c``, form and store ``U_c = U₀ − W S_c``, return ``S_{c+1}``. The state is
-    ``b_h`` (rows ``o_k``) and, with ``SPLIT``, ``b_h2`` (rows ``o_k + BK``), each with its own key columns."""
+            BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_OUT: tl.constexpr,
+            DOT: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``i_c``: store ``S_c``, form and store ``U_c = U₀ − W S_c`` and, with ``FUSE_OUT``, the output
+    rows of :func:`out_kernel` in this program's value columns; return ``S_{c+1}``. The state is ``b_h`` (rows
+    ``o_k``) and, with ``SPLIT``, ``b_h2`` (rows ``o_k + BK``), each with its own key columns."""
     o_k2, m_k2 = o_k + BK, o_k + BK < K
     store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_u = load_rows(U0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     b_u -= mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
     if SPLIT:
@@ -98,25 +102,52 @@ def _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
         b_d = tl.exp(g_l - g_i)
         b_a = tl.exp(g_l)
-    b_h = _h_update(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, b_h, b_u, b_d, b_a, DOT, PREC)
+    b_o = tl.zeros([BQ, b_h.shape[1]], dtype=tl.float32)  # Q S_c and Q Kᵀ (with FUSE_OUT)
+    b_s = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_h, b_o, b_s = _h_update(k + i_h * K, q + i_h * K, b_h, b_u, b_d, b_a, b_o, b_s, i_b * N + n_i, m_i,
+                              i_b * T + t_t, m_t, H * K, o_k, m_k, FUSE_OUT, DOT, PREC)
     if SPLIT:
-        b_h2 = _h_update(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k2, m_k2, b_h2, b_u, b_d, b_a, DOT, PREC)
+        b_h2, b_o, b_s = _h_update(k + i_h * K, q + i_h * K, b_h2, b_u, b_d, b_a, b_o, b_s, i_b * N + n_i, m_i,
+                                   i_b * T + t_t, m_t, H * K, o_k2, m_k2, FUSE_OUT, DOT, PREC)
+    if FUSE_OUT:
+        b_o, b_s = out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH, USE_G)
+        store_rows(O + i_h * V, (b_o + mm(b_s, b_u, DOT, PREC)) * scale, i_b * T + t_t, m_t, H * V, o_v, m_v)
     return b_h, b_h2
 
 
 @triton.jit
-def _h_update(k, rows, m_rows, row_stride, o_k, m_k, b_h, b_u, b_d, b_a, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``a S + Kᵀ diag(d) U`` for the state rows ``o_k`` (``K``'s columns ``o_k``)."""
-    b_k = load_tile(k, rows, m_rows, row_stride, o_k, m_k)
-    return b_h * b_a + mm(tl.trans(b_k), b_u * b_d[:, None], DOT, PREC)
+def _h_update(k, q, b_h, b_u, b_d, b_a, b_o, b_s, k_rows, m_i, q_rows, m_t, row_stride, o_k, m_k,
+              FUSE_OUT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a S + Kᵀ diag(d) U`` for the state rows ``o_k`` (``K``'s columns ``o_k``) and, with ``FUSE_OUT``, the
+    terms ``Q S`` and ``Q Kᵀ`` of those columns added to ``b_o`` and ``b_s``."""
+    b_k = load_tile(k, k_rows, m_i, row_stride, o_k, m_k)
+    if FUSE_OUT:
+        b_q = load_tile(q, q_rows, m_t, row_stride, o_k, m_k)
+        b_o += mm(b_q, b_h, DOT, PREC)
+        b_s += mm(b_q, tl.trans(b_k), DOT, PREC)
+    return b_h * b_a + mm(tl.trans(b_k), b_u * b_d[:, None], DOT, PREC), b_o, b_s
+
+
+@triton.jit
+def out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: tl.constexpr, USE_G: tl.constexpr):
+    """The two terms of one chunk's output ``O = diag(e^{Gq}) Q S_c + (Q Kᵀ ⊙ M) U_c`` (unscaled) from
+    ``b_o = Q S_c`` and ``b_s = Q Kᵀ``: ``diag(e^{Gq}) Q S_c`` and ``Q Kᵀ ⊙ M``."""
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    if USE_G:
+        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
+        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
+        b_o = b_o * tl.exp(g_t)[:, None]
+        b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
+    return b_o, tl.where(m_s, b_s, 0.0)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
-def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
-                  NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  SPLIT: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT, DOT: tl.constexpr,
-                  PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
+def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
+                  NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_OUT: tl.constexpr, USE_H0, STORE_HT,
+                  DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``);
+    ``FUSE_OUT`` (``Tuning.fuse_out``): the output too, in place of :func:`out_kernel`."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
@@ -127,13 +158,13 @@ def scan_h_kernel(k, G, W, U0, H0, Hs, U, HT, T, N, NC, H, K: tl.constexpr, V: t
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = 0
         while i_c < NC:
-            b_h, b_h2 = _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-                                H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
+            b_h, b_h2 = _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
-            b_h, b_h2 = _h_step(k, G, W, U0, Hs, U, b_h, b_h2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-                                H, K, V, NH, CT, BT, BK, SPLIT, USE_G, DOT, PREC)
+            b_h, b_h2 = _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
+                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, DOT, PREC)
     if STORE_HT > 0:
         store_rows(HT + i_bh * K * V, b_h, o_k, m_k, V, o_v, m_v)
         if SPLIT:
@@ -157,13 +188,7 @@ def out_kernel(q, k, G, Hs, U, O, scale, T, N, NC, H, K: tl.constexpr, V: tl.con
     b_h = load_rows(Hs + (i_bh * NC + i_c) * K * V, o_k, m_k, V, o_v, m_v)
     b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
     b_o = mm(b_q, b_h, DOT, PREC)
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    if USE_G:
-        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
-        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
-        b_o = b_o * tl.exp(g_t)[:, None]
-        b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
-    b_s = tl.where(m_s, b_s, 0.0)
+    b_o, b_s = out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH, USE_G)
     b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     b_o += mm(b_s, b_u, DOT, PREC)
     store_rows(O + i_h * V, b_o, i_b * T + t_t, m_t, H * V, o_v, m_v)
@@ -210,11 +235,12 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, gp, W, U0, h0 if h0 is not None else W, Hs, U,
-           ht if ht is not None else W, T, N, NC, BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g,
-           USE_H0=int(h0 is not None), STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"],
-           num_warps=TUNING.warps_scan, max_stages=TUNING.stages_scan, **common)
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
-    launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
-           BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
+    launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
+           ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"],
+           USE_G=use_g, FUSE_OUT=TUNING.fuse_out, USE_H0=int(h0 is not None), STORE_HT=int(ht is not None),
+           INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.stages_scan, **common)
+    if not TUNING.fuse_out:
+        launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
+               BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
     return o, ht, (Ti, W, Hs, U)

@@ -80,6 +80,10 @@ class Tuning:
         stages_scan: the same for the chunk scans ``scan_h`` and ``scan_dh`` (at most ``stages``). On an H100
             at n_h = 2 two stages take bf16 ``scan_dh`` from 0.67 to 0.45 ms and float32 ``scan_h`` from 1.41 to
             1.04 ms against three (``benchmarks/results/kernels_scan_tiles.json``).
+        fuse_out: the output formed in ``scan_h`` (which holds ``S_c``, ``U_c`` and the chunk's ``K`` already) instead
+            of a separate ``out_kernel`` that reads ``Hs``, ``U`` and ``K`` back (about 670 MB at (4, 4096, 16, 128),
+            n_h = 2, bf16); the scan then also reads ``Q`` and forms ``Q Kᵀ`` once per value tile. Off until timed
+            on a GPU.
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
             ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
             only, since the gate cotangent cancels terms computed from them).
@@ -140,6 +144,7 @@ class Tuning:
     bk_dqkw: int = 64
     stages: int = 3
     stages_scan: int = 2
+    fuse_out: bool = False
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"

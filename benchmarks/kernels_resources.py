@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import run_and_save
 
 from kernels.delta_product import chunk_bwd, chunk_fwd, tangent_bwd, tangent_fwd
-from kernels.delta_product.utils import TUNING
+from kernels.delta_product.utils import deepest_stages
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes per block on an H100 (sharedMemPerBlockOptin)
@@ -89,7 +89,7 @@ class Compiler:
 
     def __call__(self, kernel, grid, *args, num_warps: int = 4, max_stages: int | None = None, **kwargs) -> None:
         src = ASTSource(kernel, *signature(kernel, args, kwargs))
-        stages, start = min(TUNING.stages, max_stages or TUNING.stages), time.time()
+        stages, start = deepest_stages(max_stages), time.time()
         while True:
             ck = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=stages))
             if ck.metadata.shared <= MAX_SHARED or stages == 1:

@@ -392,11 +392,15 @@ def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
 _STAGES: dict[tuple, int] = {}
 
 
+def deepest_stages(max_stages: int | None = None) -> int:
+    """The first pipeline depth a launch tries: ``TUNING.stages``, or ``max_stages`` when smaller."""
+    return min(TUNING.stages, max_stages or TUNING.stages)
+
+
 def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (``TUNING.stages``, or ``max_stages``
-    when smaller, down to 1) that fits in shared memory; the depth that worked is remembered per kernel and
-    constexprs."""
-    deepest = min(TUNING.stages, max_stages or TUNING.stages)
+    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (:func:`deepest_stages` down to 1)
+    that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
+    deepest = deepest_stages(max_stages)
     key = (id(kernel), deepest) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
     stages = _STAGES.get(key, deepest)
     while True:

@@ -50,9 +50,11 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_A = b_kk * b_beta[:, None]
+    b_x = b_beta
     if USE_G:
         b_g = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_A = b_A * masked_exp(b_g[:, None] - b_g[None, :], m_A)
+        b_x = b_beta * tl.exp(b_g)
     b_A = tl.where(m_A, b_A, 0.0)
     if INV_TILES:  # A staged in this chunk's rows of Ti, inverted there by 16×16 tiles
         store_rows(Ti + i_bh * N * BT, b_A, n_i, m_i, BT, o_i, o_i < BT)
@@ -63,18 +65,16 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
     else:
         b_T = unit_lower_inverse(b_A, o_i, BT, 16, PREC_T)
         store_rows(Ti + i_bh * N * BT, b_T, n_i, m_i, BT, o_i, o_i < BT)
-    b_T = b_T * b_beta[None, :]  # U₀ = T diag(β) V and W = T diag(β) diag(e^G) K: one tile alive
+    b_tx = b_T * b_x[None, :]  # T diag(x): W = T diag(x) K, U₀ = T diag(β) V
+    b_tb = b_T * b_beta[None, :]
+    for i_k in range(tl.cdiv(K, BKB)):
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        b_k = load_tile(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        store_rows(W + i_bh * N * K, mm(b_tx, b_k, DOT, PREC), n_i, m_i, K, o_k, o_k < K)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_tile(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
-        store_rows(U0 + i_bh * N * V, mm(b_T, b_v, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
-    for i_k in range(tl.cdiv(K, BKB)):
-        o_k = i_k * BKB + tl.arange(0, BKB)
-        if USE_G:
-            b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K) * tl.exp(b_g)[:, None]
-        else:
-            b_k = load_tile(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        store_rows(W + i_bh * N * K, mm(b_T, b_k, DOT, PREC), n_i, m_i, K, o_k, o_k < K)
+        store_rows(U0 + i_bh * N * V, mm(b_tb, b_v, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
 
 
 @triton.jit

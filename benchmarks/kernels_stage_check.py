@@ -2,9 +2,9 @@
 
 A kernel whose result depends on ``num_stages`` or differs between two identical runs has a race (a
 prefetched shared-memory tile overwritten while still read) or a miscompile; the float64 reference says
-which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate) at
-``Tuning.stages`` = ``stages_scan`` = 3, 3 again, 2 and 1, every output and saved intermediate against the
-first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors).
+which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate, other knobs at
+their defaults) at ``Tuning.stages`` = ``stages_scan`` = ``stages_dh`` = 3, 3 again, 2 and 1, every output and
+saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors).
 
     python benchmarks/kernels_stage_check.py [--dtypes bfloat16 float32] [--nh 2 3] [--shape B T H D] [--out DIR]
 
@@ -31,7 +31,7 @@ NAMES = ("o", "Ti", "W", "Hs", "U", "dq", "dk", "dv", "dbeta", "dU", "dHs", "dW"
 
 
 def outputs(x: dict, do, scale: float, stages: int) -> dict:
-    TUNING.stages = TUNING.stages_scan = stages
+    TUNING.stages = TUNING.stages_scan = TUNING.stages_dh = stages
     beta = x["beta"].float()
     o, _, saved = chunk_fwd.chunk_fwd(x["q"], x["k"], x["v"], beta, None, None, scale, False)
     grads, mids = chunk_bwd.chunk_bwd(x["q"], x["k"], x["v"], beta, None, None, scale, saved, do, None)

@@ -109,9 +109,13 @@ def tuned():
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
         ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36, True),  # wy_bwd over three masked tiles
-        ("fuse_out=1", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
-        ("fuse_out=1,bv_scan=16", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
-        ("fuse_out=1", torch.bfloat16, 1, 32, 32, False),
+        ("fuse_out=on,bv_fused=32", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
+        ("bv_fused=16,stages_dh=1", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
+        ("fuse_out=off,stages_dh=2", torch.float32, 1, 32, 32, False),
+        ("fuse_out=off", torch.bfloat16, 2, 40, 24, False),
+        ("fuse_dv=on", torch.float32, 2, 80, 72, True),  # dU_loc in the scan, state halves (second one masked)
+        ("fuse_dv=on,bv_scan=16", torch.bfloat16, 3, 40, 72, False),  # five value tiles, 21-token chunks
+        ("fuse_dv=bf16,scan_split=on", torch.bfloat16, 1, 96, 32, True),
     ],
 )
 def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V, gate):
@@ -141,7 +145,8 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("block=16").wy_tile(torch.bfloat16) == 16
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
-                    "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5"):
+                    "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
+                    "stages_dh=5", "fuse_out=1", "bv_fused=48"):
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
@@ -165,6 +170,13 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
+    assert Tuning().fused_out(torch.bfloat16) and not Tuning().fused_out(torch.float32)  # "bf16": 16-bit inputs only
+    assert Tuning().update("fuse_out=f32").fused_out(torch.float32) and not Tuning().update("fuse_out=off").fused_out(
+        torch.bfloat16)
+    assert Tuning().update("fuse_dv=bf16").fused_dv(torch.bfloat16) and not Tuning().update(
+        "fuse_dv=bf16").fused_dv(torch.float32)
+    assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
+    assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
 
 
 class _FakeKernel:

@@ -3,7 +3,7 @@
 With ``P = Q Kᵀ ⊙ M`` (token rows), ``K̃ = diag(e^{G_L−G}) K`` and ``dS_{c+1}`` the cotangent of
 the state at the end of chunk ``c``:
 
-1. :func:`dv_local_kernel` (parallel): ``dU_loc = Pᵀ dO``.
+1. :func:`dv_local_kernel` (parallel): ``dU_loc = Pᵀ dO`` (with ``Tuning.fuse_dv`` formed in the scan instead).
 2. :func:`scan_dh_kernel` (sequential, reverse): ``dU = dU_loc + K̃ dS_{c+1}``,
    ``dS_c = e^{G_L} dS_{c+1} + (diag(e^{Gq}) Q)ᵀ dO − Wᵀ dU``.
 3. :func:`dqkw_kernel` (parallel): ``dQ = diag(e^{Gq}) dO S_cᵀ + (dP ⊙ M) K`` with ``dP = dO U_cᵀ``;
@@ -24,6 +24,7 @@ from kernels.delta_product.common import (
     chunk_gate_end,
     load_rows,
     load_tile,
+    local_scores,
     masked_exp,
     mm,
     scan_program,
@@ -46,13 +47,8 @@ def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.con
     m_k = o_k < K
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_s = mm(b_q, tl.trans(b_k), DOT, PREC)  # [BQ, BT]
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    if USE_G:
-        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
-        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
-        b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
-    b_s = tl.where(m_s, b_s, 0.0)
+    b_s = local_scores(mm(b_q, tl.trans(b_k), DOT, PREC), G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH,
+                       USE_G)  # [BQ, BT]
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, o_v < V)
@@ -62,14 +58,15 @@ def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.con
 @triton.jit
 def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
              H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
-             PREC: tl.constexpr):
+             BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_DV: tl.constexpr,
+             DOT: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_c`` in reverse: store ``dS_{c+1}``, form and store ``dU = dU_loc + K̃ dS_{c+1}``, return ``dS_c``.
-    The state is ``b_dh`` (rows ``o_k``) and, with ``SPLIT``, ``b_dh2`` (rows ``o_k + BK``)."""
+    The state is ``b_dh`` (rows ``o_k``) and, with ``SPLIT``, ``b_dh2`` (rows ``o_k + BK``). With ``FUSE_DV``
+    ``dU_loc = Pᵀ dO`` is formed here from the chunk's ``Q``, ``K`` and ``dO`` tiles, not read from ``dUl``."""
     o_k2, m_k2 = o_k + BK, o_k + BK < K
     store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    _, t_t, m_t = tokens(i_c, T, CT, BQ)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K, Q's factor e^{Gq} and the decay e^{G_L}
     b_e = tl.full([BQ], scale, tl.float32)
     b_a = 1.0
@@ -80,27 +77,43 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_d = tl.exp(g_l - g_i)
         b_e = b_e * tl.exp(g_t)
         b_a = tl.exp(g_l)
-    rows_k = i_b * N + n_i
-    b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k), b_dh, DOT, PREC) * b_d[:, None]
-    if SPLIT:
-        store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
-        b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2), b_dh2, DOT, PREC) * b_d[:, None]
+    rows_k, rows_q = i_b * N + n_i, i_b * T + t_t
+    if FUSE_DV:
+        b_do = load_rows(dO + i_h * V, rows_q, m_t, H * V, o_v, m_v)
+        b_q = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k, m_k)
+        b_k = load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k)
+        b_du = mm(b_k, b_dh, DOT, PREC)
+        b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
+        if SPLIT:
+            store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+            b_q2 = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k2, m_k2)
+            b_k2 = load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2)
+            b_du += mm(b_k2, b_dh2, DOT, PREC)
+            b_s += mm(b_q2, tl.trans(b_k2), DOT, PREC)
+        b_s = local_scores(b_s * scale, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH, USE_G)
+        b_du = b_du * b_d[:, None] + mm(tl.trans(b_s), b_do, DOT, PREC)
+    else:
+        b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+        b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k), b_dh, DOT, PREC) * b_d[:, None]
+        if SPLIT:
+            store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+            b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2), b_dh2, DOT, PREC) * b_d[:, None]
     store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
-    b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
-    b_dh = _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K, t_t, m_t, n_i, m_i, o_k, m_k,
-                      DOT, PREC)
+    if not FUSE_DV:
+        b_do = load_rows(dO + i_h * V, rows_q, m_t, H * V, o_v, m_v)
+        b_q = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k, m_k)
+    b_dh = _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K, n_i, m_i, o_k, m_k, DOT, PREC)
     if SPLIT:
-        b_dh2 = _dh_update(q, W, b_dh2, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K, t_t, m_t, n_i, m_i,
-                           o_k2, m_k2, DOT, PREC)
+        if not FUSE_DV:
+            b_q2 = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k2, m_k2)
+        b_dh2 = _dh_update(W, b_q2, b_dh2, b_do, b_du, b_e, b_a, i_bh, N, K, n_i, m_i, o_k2, m_k2, DOT, PREC)
     return b_dh, b_dh2
 
 
 @triton.jit
-def _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K: tl.constexpr, t_t, m_t, n_i, m_i,
-               o_k, m_k, DOT: tl.constexpr, PREC: tl.constexpr):
+def _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K: tl.constexpr, n_i, m_i, o_k, m_k,
+               DOT: tl.constexpr, PREC: tl.constexpr):
     """``a dS + Qᵀ diag(e) dO − Wᵀ dU`` for the state rows ``o_k`` (``Q``'s and ``W``'s columns ``o_k``)."""
-    b_q = load_tile(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
     b_w = load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
     return b_dh * b_a + mm(tl.trans(b_q), b_do * b_e[:, None], DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
 
@@ -108,9 +121,10 @@ def _dh_update(q, W, b_dh, b_do, b_du, b_e, b_a, i_b, i_h, i_bh, T, N, H, K: tl.
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0"])
 def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K: tl.constexpr,
                    V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, USE_DHT,
-                   STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
-    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``)."""
+                   BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_DV: tl.constexpr,
+                   USE_DHT, STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``).
+    ``FUSE_DV`` (``Tuning.fuse_dv``): ``dU_loc`` formed here, in place of :func:`dv_local_kernel`."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
@@ -122,12 +136,14 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K
         it = 0
         while it < NC:
             b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
-                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, DOT, PREC)
+                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
+                                   DOT, PREC)
             it += 1
     else:
         for it in range(NC):
             b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
-                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, DOT, PREC)
+                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
+                                   DOT, PREC)
     if STORE_DH0 > 0:
         store_rows(dH0 + i_bh * K * V, b_dh, o_k, m_k, V, o_v, m_v)
         if SPLIT:
@@ -367,17 +383,20 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
     gp = G if use_g else beta
     do = do.contiguous()
-    dUl = alloc(B, H, N, V, device=dev, dtype=mid)
-    launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
-           USE_G=use_g, num_warps=TUNING.warps_dv, **common)
+    fuse = TUNING.fused_dv(q.dtype)
+    dUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
+    if not fuse:
+        launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
+               USE_G=use_g, num_warps=TUNING.warps_dv, **common)
     dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
-           BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, USE_DHT=int(dht is not None),
+           BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, FUSE_DV=fuse,
+           USE_DHT=int(dht is not None),
            STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
-           max_stages=TUNING.stages_scan, **common)
+           max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)

@@ -17,10 +17,10 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.common import (
-    causal_mask,
     chunk_gate_end,
     load_rows,
     load_tile,
+    local_scores,
     masked_exp,
     mm,
     scan_program,
@@ -132,13 +132,9 @@ def _h_update(k, q, b_h, b_u, b_d, b_a, b_o, b_s, k_rows, m_i, q_rows, m_t, row_
 def out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: tl.constexpr, USE_G: tl.constexpr):
     """The two terms of one chunk's output ``O = diag(e^{Gq}) Q S_c + (Q Kᵀ ⊙ M) U_c`` (unscaled) from
     ``b_o = Q S_c`` and ``b_s = Q Kᵀ``: ``diag(e^{Gq}) Q S_c`` and ``Q Kᵀ ⊙ M``."""
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     if USE_G:
-        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
-        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
-        b_o = b_o * tl.exp(g_t)[:, None]
-        b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
-    return b_o, tl.where(m_s, b_s, 0.0)
+        b_o = b_o * tl.exp(tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0))[:, None]
+    return b_o, local_scores(b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH, USE_G)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
@@ -236,11 +232,13 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
-    launch(scan_h_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
-           ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"],
-           USE_G=use_g, FUSE_OUT=TUNING.fuse_out, USE_H0=int(h0 is not None), STORE_HT=int(ht is not None),
+    fuse = TUNING.fused_out(q.dtype)
+    bvs = min(c["BVP"], TUNING.bv_fused) if fuse else c["BVS"]
+    launch(scan_h_kernel, (triton.cdiv(V, bvs), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
+           ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=bvs, SPLIT=c["SPLIT"],
+           USE_G=use_g, FUSE_OUT=fuse, USE_H0=int(h0 is not None), STORE_HT=int(ht is not None),
            INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.stages_scan, **common)
-    if not TUNING.fuse_out:
+    if not fuse:
         launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
                BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
     return o, ht, (Ti, W, Hs, U)

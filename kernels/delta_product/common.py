@@ -77,6 +77,17 @@ def causal_mask(o_t, m_t, o_i, m_i, NH: tl.constexpr):
 
 
 @triton.jit
+def local_scores(b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: tl.constexpr, USE_G: tl.constexpr):
+    """``Q Kᵀ ⊙ M`` from ``b_s = Q Kᵀ`` (token rows, micro-step columns), ``M_ti = e^{Gq_t − G_i}[i ≤ last(t)]``."""
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    if USE_G:
+        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
+        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
+        b_s = b_s * masked_exp(g_t[:, None] - g_i[None, :], m_s)
+    return tl.where(m_s, b_s, 0.0)
+
+
+@triton.jit
 def masked_exp(x, m):
     """``exp(x)`` where ``m``, else 0 (the exponent is zeroed first, so no overflow)."""
     return tl.where(m, tl.exp(tl.where(m, x, 0.0)), 0.0)

@@ -80,10 +80,22 @@ class Tuning:
         stages_scan: the same for the chunk scans ``scan_h`` and ``scan_dh`` (at most ``stages``). On an H100
             at n_h = 2 two stages take bf16 ``scan_dh`` from 0.67 to 0.45 ms and float32 ``scan_h`` from 1.41 to
             1.04 ms against three (``benchmarks/results/kernels_scan_tiles.json``).
+        stages_dh: the same for ``scan_dh`` alone; 0 (default): ``stages_scan`` for 16-bit inputs and 1 for float32
+            (:meth:`dh_stages`; on an H100 at n_h = 2 float32 ``scan_dh`` takes 1.42 ms at one stage, 2.14 at two).
         fuse_out: the output formed in ``scan_h`` (which holds ``S_c``, ``U_c`` and the chunk's ``K`` already) instead
-            of a separate ``out_kernel`` that reads ``Hs``, ``U`` and ``K`` back (about 670 MB at (4, 4096, 16, 128),
-            n_h = 2, bf16); the scan then also reads ``Q`` and forms ``Q Kᵀ`` once per value tile. Off until timed
-            on a GPU.
+            of a separate ``out_kernel`` that reads ``Hs``, ``U`` and ``K`` back; the scan then also reads ``Q`` and
+            forms ``Q Kᵀ`` once per value tile. ``"bf16"`` (default: for 16-bit inputs), ``"on"``, ``"off"`` or
+            ``"f32"``. On an H100 at n_h = 2, bf16, the fused scan takes 0.44 ms at 64 value columns, against
+            0.34 + 0.23 for ``scan_h`` and ``out``; float32's spills 2.6 KB a thread (gated: 9.5 against
+            1.05 + 1.38 ms) (``benchmarks/results/kernels_fused_out.json``).
+        fuse_dv: ``dU_loc = Pᵀ dO`` formed in ``scan_dh`` (which holds the chunk's ``K`` and ``dO`` tiles and
+            loads ``Q``'s first) instead of a separate ``dv_local_kernel`` whose result the scan reads back; the
+            scan then also forms ``Q Kᵀ`` once per value tile. Values as ``fuse_out``. On an H100 at n_h = 2, bf16,
+            the fused ``scan_dh`` takes 0.38 ms against 0.45 + 0.14 for ``scan_dh`` and ``dv_local`` (it no longer
+            reads ``dU_loc`` back); float32's takes 2.5 ms against 1.43 + 0.34
+            (``benchmarks/results/kernels_fused_out.json``).
+        bv_fused: value columns per program of ``scan_h`` when it forms the output (``fuse_out``); the other
+            scans take ``bv_scan``.
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
             ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
             only, since the gate cotangent cancels terms computed from them).
@@ -144,7 +156,10 @@ class Tuning:
     bk_dqkw: int = 64
     stages: int = 3
     stages_scan: int = 2
-    fuse_out: bool = False
+    stages_dh: int = 0
+    fuse_out: str = "bf16"
+    fuse_dv: str = "bf16"
+    bv_fused: int = 64
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"
@@ -173,6 +188,20 @@ class Tuning:
         """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)
         ``bv_dual``, or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
+
+    def fused_out(self, dtype: torch.dtype) -> bool:
+        """Whether ``scan_h`` forms the output for ``dtype`` (``fuse_out``)."""
+        return _by_dtype(self.fuse_out, dtype)
+
+    def fused_dv(self, dtype: torch.dtype) -> bool:
+        """Whether ``scan_dh`` forms ``dU_loc`` for ``dtype`` (``fuse_dv``)."""
+        return _by_dtype(self.fuse_dv, dtype)
+
+    def dh_stages(self, dtype: torch.dtype) -> int:
+        """Deepest software pipeline of ``scan_dh``: ``stages_dh``, or when 0, ``stages_scan`` for 16-bit
+        inputs and 1 for float32 (whose ``scan_dh`` spills at two stages: 2.14 instead of 1.42 ms on an H100
+        at n_h = 2)."""
+        return self.stages_dh or (self.stages_scan if dtype.itemsize == 2 else 1)
 
     def tangent_launch(self, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int]:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
@@ -220,15 +249,16 @@ class Tuning:
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
-        if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4:
-            raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4, got "
-                             f"`{self.stages}`, `{self.stages_scan}`")
+        if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4 or not 0 <= self.stages_dh <= 4:
+            raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4 and stages_dh in 0..4, "
+                             f"got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`")
         if self.tangent_min_dim < 0:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
-                              *((n, ("f32", "on", "off")) for n in ("wy_late", "scan_split", "wy_split", "dqkw_split")),
+                              *((n, ("f32", "bf16", "on", "off"))
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
-                              ("bv_dual", (0, 32, 64)), ("block_dual", (0, 16, 32, 64, 128)),
+                              ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)), ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
@@ -251,8 +281,9 @@ class Tuning:
 
 
 def _by_dtype(choice: str, dtype: torch.dtype) -> bool:
-    """A ``"on"`` / ``"off"`` / ``"f32"`` (on for float32 inputs only) choice for ``dtype``."""
-    return choice == "on" or (choice == "f32" and dtype.itemsize == 4)
+    """A ``"on"`` / ``"off"`` / ``"f32"`` (on for float32 inputs only) / ``"bf16"`` (on for 16-bit inputs
+    only) choice for ``dtype``."""
+    return choice == "on" or (choice == "f32" and dtype.itemsize == 4) or (choice == "bf16" and dtype.itemsize == 2)
 
 
 #: the launch choices in use (see :class:`Tuning`)

@@ -4,9 +4,12 @@ A kernel whose result depends on ``num_stages`` or differs between two identical
 prefetched shared-memory tile overwritten while still read) or a miscompile; the float64 reference says
 which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate, other knobs at
 their defaults) at ``Tuning.stages`` = ``stages_scan`` = ``stages_dh`` = 3, 3 again, 2 and 1, every output and
-saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors).
+saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors). With ``--hvp`` also
+a Hessian-vector product by double backward (the tangent kernels; gate off and on) at each depth, against the
+first and against float64.
 
-    python benchmarks/kernels_stage_check.py [--dtypes bfloat16 float32] [--nh 2 3] [--shape B T H D] [--out DIR]
+    python benchmarks/kernels_stage_check.py [--dtypes bfloat16 float32] [--nh 2 3] [--shape B T H D] [--hvp]
+        [--out DIR]
 
 Without a GPU it runs under ``TRITON_INTERPRET=1`` on the CPU (a check of the script only: the interpreter
 has no pipeline).
@@ -21,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import make_inputs, reference_fn, rel, run_and_save
+from kernels_common import hvp_fn, make_inputs, reference_fn, rel, run_and_save
 
 from kernels.delta_product import chunk_bwd, chunk_fwd
 from kernels.delta_product.utils import TUNING
@@ -30,8 +33,12 @@ DEPTHS = (3, 3, 2, 1)
 NAMES = ("o", "Ti", "W", "Hs", "U", "dq", "dk", "dv", "dbeta", "dU", "dHs", "dW")
 
 
-def outputs(x: dict, do, scale: float, stages: int) -> dict:
+def at_depth(stages: int) -> None:
     TUNING.stages = TUNING.stages_scan = TUNING.stages_dh = stages
+
+
+def outputs(x: dict, do, scale: float, stages: int) -> dict:
+    at_depth(stages)
     beta = x["beta"].float()
     o, _, saved = chunk_fwd.chunk_fwd(x["q"], x["k"], x["v"], beta, None, None, scale, False)
     grads, mids = chunk_bwd.chunk_bwd(x["q"], x["k"], x["v"], beta, None, None, scale, saved, do, None)
@@ -57,15 +64,44 @@ def check(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int]) -> dic
     return row
 
 
+def check_hvp(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int], gate: bool) -> dict:
+    """The double-backward HVP (``kernels_common.hvp_fn``) at each depth, against the first and float64."""
+    B, T, H, D = shape
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, gate=gate, correlated=n_h > 1, seed=n_h, device=dev)
+    xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
+    do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
+    vs = [torch.randn_like(t, dtype=torch.float64) for t in xs.values()]
+    runs = []
+    for s in DEPTHS:
+        at_depth(s)
+        runs.append([h.clone() for h in hvp_fn(xs, do, vs, D ** -0.5)()])
+    x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
+    o64, _ = reference_fn(D ** -0.5, n_h)(x64)
+    g64 = torch.autograd.grad(o64, list(x64.values()), do.double(), create_graph=True)
+    ref = torch.autograd.grad(g64, list(x64.values()), vs)
+    row = dict(dtype=str(dtype)[6:], n_h=n_h, gate=gate, depths=list(DEPTHS), timed="hvp",
+               vs_first={n: [rel(r[i], runs[0][i]) for r in runs[1:]] for i, n in enumerate(xs)},
+               vs_float64={n: [rel(r[i], ref[i]) for r in runs] for i, n in enumerate(xs)})
+    row["same_at_every_depth"] = all(e == 0.0 for errs in row["vs_first"].values() for e in errs)
+    print(row["dtype"], n_h, "gate" if gate else "", "HVP same at every depth:", row["same_at_every_depth"],
+          {n: f"{max(e):.2e}" for n, e in row["vs_float64"].items()}, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
     ap.add_argument("--nh", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--shape", type=int, nargs=4, default=[2, 2048, 8, 128], metavar=("B", "T", "H", "D"))
+    ap.add_argument("--hvp", action="store_true", help="also the double-backward HVP, gate off and on")
     ap.add_argument("--json", default="kernels_stage_check.json", help="file name under --out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    run_and_save(lambda: [check(getattr(torch, dt), n_h, tuple(args.shape)) for dt in args.dtypes for n_h in args.nh],
+    cases = [(getattr(torch, dt), n_h) for dt in args.dtypes for n_h in args.nh]
+    run_and_save(lambda: [check(dt, n_h, tuple(args.shape)) for dt, n_h in cases]
+                 + [check_hvp(dt, n_h, tuple(args.shape), gate) for dt, n_h in cases for gate in (False, True)
+                    if args.hvp],
                  args.out, args.json, shape=args.shape)
 
 

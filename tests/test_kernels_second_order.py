@@ -223,23 +223,21 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     _all_orders(kernel, x, 2e-5, torch.float32)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split, fuse_dv", [
-    (70, 1, False, 16, 32, torch.float32, "f32", "bf16"),   # two chunks, T not divisible by the chunk
-    (40, 2, True, 32, 16, torch.float32, "f32", "bf16"),
-    (40, 2, True, 32, 16, torch.float32, "off", "on"),      # one-kernel tangent of wy_bwd; dU̇_loc in the scan
-    (30, 3, True, 24, 20, torch.float32, "f32", "on"),      # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16, torch.float32, "f32", "bf16"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, "f32", "bf16"),   # dU_loc and dU̇_loc in the scans (the bf16 default)
-    (40, 2, True, 32, 16, torch.bfloat16, "on", "off"),     # the two-kernel tangent of wy_bwd in bf16
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split", [
+    (70, 1, False, 16, 32, torch.float32, "f32"),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16, torch.float32, "f32"),
+    (40, 2, True, 32, 16, torch.float32, "off"),    # the one-kernel tangent of wy_bwd in float32
+    (30, 3, True, 24, 20, torch.float32, "f32"),    # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32, "f32"),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, "f32"),
+    (40, 2, True, 32, 16, torch.bfloat16, "on"),    # the two-kernel tangent of wy_bwd in bf16
 ])
-def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, fuse_dv, monkeypatch):
+def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, monkeypatch):
     """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
-    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype, and
-    ``dU_loc`` and its tangent in the scans (``fuse_dv``) or apart."""
+    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
-    monkeypatch.setattr(TUNING, "fuse_dv", fuse_dv)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
 
     def kernel(**a):

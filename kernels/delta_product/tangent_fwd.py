@@ -30,9 +30,7 @@ from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
-    load_operand,
     load_rows,
-    load_tile,
     masked_exp,
     mm,
     scan_program,
@@ -144,18 +142,18 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, USE_G)  # the tiles read elementwise only with a gate
+    b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
     b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            - mm(load_tile(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
-            - mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC))
+            - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
+            - mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC))
     store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
-    b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, USE_G)
-    b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, USE_G)
+    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         b_th = exp_tangent(b_h, b_th, g_l, tg_l)
-    b_u = load_tile(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+    b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
 
 

@@ -146,7 +146,7 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
-                    "stages_dh=5", "fuse_out=1", "bv_fused=48"):
+                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes"):
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
@@ -175,6 +175,8 @@ def test_tuning_spec_is_validated():
         torch.bfloat16)
     assert Tuning().update("fuse_dv=bf16").fused_dv(torch.bfloat16) and not Tuning().update(
         "fuse_dv=bf16").fused_dv(torch.float32)
+    assert not Tuning().tiles_tangent(torch.bfloat16) and Tuning().update("tangent_tiles=bf16").tiles_tangent(
+        torch.bfloat16)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
 

@@ -223,21 +223,25 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
     _all_orders(kernel, x, 2e-5, torch.float32)
 
 
-@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split", [
-    (70, 1, False, 16, 32, torch.float32, "f32"),   # two chunks, T not divisible by the chunk
-    (40, 2, True, 32, 16, torch.float32, "f32"),
-    (40, 2, True, 32, 16, torch.float32, "off"),    # the one-kernel tangent of wy_bwd in float32
-    (30, 3, True, 24, 20, torch.float32, "f32"),    # 63 micro-steps per chunk, odd head dims
-    (5, 4, False, 16, 16, torch.float32, "f32"),    # one short chunk
-    (40, 2, True, 32, 16, torch.bfloat16, "f32"),
-    (40, 2, True, 32, 16, torch.bfloat16, "on"),    # the two-kernel tangent of wy_bwd in bf16
+@pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split, tiles", [
+    (70, 1, False, 16, 32, torch.float32, "f32", "off"),   # two chunks, T not divisible by the chunk
+    (40, 2, True, 32, 16, torch.float32, "f32", "off"),
+    (40, 2, True, 32, 16, torch.float32, "off", "on"),     # one-kernel tangent of wy_bwd; tangent scans' tiles
+    (30, 3, True, 24, 20, torch.float32, "f32", "on"),     # 63 micro-steps per chunk, odd head dims
+    (5, 4, False, 16, 16, torch.float32, "f32", "off"),    # one short chunk
+    (40, 2, True, 32, 16, torch.bfloat16, "f32", "off"),
+    (40, 2, True, 32, 16, torch.bfloat16, "on", "off"),    # the two-kernel tangent of wy_bwd in bf16
+    (40, 2, True, 32, 16, torch.bfloat16, "f32", "bf16"),  # bf16 tiles and dU̇_loc in scan_dh_tangent (fuse_dv)
 ])
-def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, monkeypatch):
+def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, tiles, monkeypatch):
     """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
-    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype."""
+    (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype, and the
+    tangent scans on float32 rows or on input-dtype tiles with ``dU̇_loc`` formed in ``scan_dh_tangent``
+    (``tangent_tiles``; ``fuse_dv`` is on for bf16 only, so float32 keeps ``dv_local_tangent``)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
+    monkeypatch.setattr(TUNING, "tangent_tiles", tiles)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=False, initial_state=h0, correlated=True, seed=T + K)
 
     def kernel(**a):
@@ -259,11 +263,13 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, monkeypatch
 def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_split, monkeypatch):
     """``TUNING.tangent_gate``: the double backward and ``torch.func.jvp`` of gated inputs (``g`` with a
     direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
-    poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype."""
+    poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype. With a gate
+    the tangent scans read float32 rows even when ``tangent_tiles`` is on (set here in half the cases)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
+    monkeypatch.setattr(TUNING, "tangent_tiles", "on" if T % 20 == 0 else "off")
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,

@@ -58,6 +58,16 @@ def load_tile(ptr, rows, m_rows, row_stride, cols, m_cols):
 
 
 @triton.jit
+def load_operand(ptr, rows, m_rows, row_stride, cols, m_cols, WIDE: tl.constexpr):
+    """:func:`load_rows` when ``WIDE`` (a tile that some compile-time branch also reads elementwise, or a kernel
+    kept on float32 tiles), else :func:`load_tile`."""
+    if WIDE:
+        return load_rows(ptr, rows, m_rows, row_stride, cols, m_cols)
+    else:
+        return load_tile(ptr, rows, m_rows, row_stride, cols, m_cols)
+
+
+@triton.jit
 def store_rows(ptr, x, rows, m_rows, row_stride, cols, m_cols):
     """Store ``x`` at ``ptr[rows[:, None] * row_stride + cols[None, :]]`` in the pointer's dtype."""
     p = ptr + rows[:, None] * row_stride + cols[None, :]

@@ -9,7 +9,8 @@ For tangents ``ẋ`` of the inputs and ``(Ṫ, Ẇ, Ḣs, U̇)`` of the forward'
 (:func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent`), with the cotangents ``(dO, dS_T)``
 held fixed, the tangents of the gradients are the Hessian-vector product ``∇²⟨f, (dO, dS_T)⟩ ẋ``:
 
-1. :func:`dv_local_tangent_kernel` (parallel): ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``, ``Ṗ = Q̇ Kᵀ + Q K̇ᵀ``.
+1. :func:`dv_local_tangent_kernel` (parallel): ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``, ``Ṗ = Q̇ Kᵀ + Q K̇ᵀ`` (with
+   ``Tuning.tangent_tiles`` and ``fuse_dv``, no gate: formed in the scan instead).
 2. :func:`scan_dh_tangent_kernel` (sequential, reverse): ``dU̇ = dU̇_loc + K̇ dS_{c+1} + K dṠ_{c+1}``,
    ``dṠ_c = dṠ_{c+1} + Q̇ᵀ dO − Ẇᵀ dU − Wᵀ dU̇`` with ``dS_{c+1}`` and ``dU`` loaded (``dṠ_T = 0``).
 3. :func:`dqkw_tangent_kernel` (parallel): the tangents of ``dQ``, ``dW = −dU Sᵀ`` and the partial ``dK``
@@ -29,7 +30,17 @@ from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, own_tokens, store_db_dg
-from kernels.delta_product.common import causal_mask, load_rows, mm, scan_program, steps, store_rows, tokens
+from kernels.delta_product.common import (
+    causal_mask,
+    load_operand,
+    load_rows,
+    load_tile,
+    mm,
+    scan_program,
+    steps,
+    store_rows,
+    tokens,
+)
 from kernels.delta_product.tangent_fwd import (
     decayed_keys,
     exp_tangent,
@@ -69,55 +80,74 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl
 @triton.jit
 def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N,
               NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-              BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+              BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr,
+              DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``; with a gate ``K̃`` for ``K``
     (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`), ``dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})``
-    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``."""
+    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``. Tiles as float32 rows when ``WIDE``, else in the input
+    dtype (``Tuning.tangent_tiles``; no gate); with ``FUSE_DV`` (not ``WIDE``) ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO`` is formed
+    here from the chunk's ``Q``, ``K`` and tangent tiles, not read from ``tdUl``."""
+    tl.static_assert(not (FUSE_DV and WIDE), "the fused dU̇_loc takes the input-dtype tiles (no gate)")
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    _, t_t, m_t = tokens(i_c, T, CT, BQ)
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+    b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
+    b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
+    b_tq = load_operand(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k, WIDE)
+    if WIDE:  # Q̇'s scale on Q̇ itself; on the tiles, on the products Q̇ᵀ dO and Ṗ instead
+        b_tq = b_tq * scale
+    b_dh = load_operand(dHs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
         b_tq = exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None])
-    b_tdu = load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
+    if FUSE_DV:
+        b_do = load_tile(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
+        b_q = load_tile(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
+        b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
+        b_ts = tl.where(causal_mask(o_t, m_t, o_i, m_i, NH), b_ts * scale, 0.0)
+        b_tdu = mm(tl.trans(b_ts), b_do, DOT, PREC) + mm(b_tk, b_dh, DOT, PREC) + mm(b_k, b_tdh, DOT, PREC)
+    else:
+        b_tdu = (load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC)
+                 + mm(b_k, b_tdh, DOT, PREC))
     store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
     if USE_G:
         b_tdh = exp_tangent(b_dh, b_tdh, g_l, tg_l)
-    b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
-    b_tw = load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    b_du = load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-    b_w = load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-    return (b_tdh + mm(tl.trans(b_tq), b_do, DOT, PREC) - mm(tl.trans(b_tw), b_du, DOT, PREC)
-            - mm(tl.trans(b_w), b_tdu, DOT, PREC))
+    if not FUSE_DV:
+        b_do = load_operand(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v, WIDE)
+    b_tw = load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE)
+    b_du = load_operand(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v, WIDE)
+    b_w = load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE)
+    b_qdo = mm(tl.trans(b_tq), b_do, DOT, PREC)
+    if not WIDE:
+        b_qdo = b_qdo * scale
+    return b_tdh + b_qdo - mm(tl.trans(b_tw), b_du, DOT, PREC) - mm(tl.trans(b_w), b_tdu, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0"])
 def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
                            K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                            BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, USE_G: tl.constexpr,
-                           DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                           WIDE: tl.constexpr, FUSE_DV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         it = 0
         while it < NC:
             b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
-                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
-                              PREC)
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE,
+                              FUSE_DV, DOT, PREC)
             it += 1
     else:
         for it in range(NC):
             b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
-                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, DOT,
-                              PREC)
+                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE,
+                              FUSE_DV, DOT, PREC)
     if STORE_DH0 > 0:
         store_rows(tdH0 + i_bh * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
 
@@ -422,16 +452,19 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     G, tG = gate if gate is not None else (beta, beta)  # placeholders, not read without a gate
     dev, mid, f32 = q.device, dU.dtype, torch.float32
     do = do.contiguous()
-    tdUl = alloc(B, H, N, V, device=dev, dtype=mid)
-    warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
-    launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"], BKB=bkb,
-           BVB=bvb, num_warps=warps, **common)
+    wide = gate is not None or not TUNING.tiles_tangent(q.dtype)
+    fuse = not wide and TUNING.fused_dv(q.dtype)
+    tdUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
+    if not fuse:
+        warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
+        launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"],
+               BKB=bkb, BVB=bvb, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, G, W, do, dHs, dU, tq, tk, tG, tW,
            tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
-           BV=c["BVS"], STORE_DH0=int(tdh0 is not None), INTERPRET=c["INTERPRET"],
+           BV=c["BVS"], STORE_DH0=int(tdh0 is not None), WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"],
            num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)

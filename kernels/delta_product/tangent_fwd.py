@@ -30,6 +30,7 @@ from kernels.delta_product.chunk_fwd import launch_config
 from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
+    load_operand,
     load_rows,
     masked_exp,
     mm,
@@ -136,32 +137,33 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
 @triton.jit
 def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H,
              K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+             USE_G: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``; with a gate
-    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``."""
+    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``. Tiles as float32 rows
+    when ``WIDE``, else in the input dtype (``Tuning.tangent_tiles``; no gate)."""
     h_ptr = (i_bh * NC + i_c) * K * V
     store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
+    b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            - mm(load_rows(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
-            - mm(load_rows(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_th, DOT, PREC))
+            - mm(load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_h, DOT, PREC)
+            - mm(load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_th, DOT, PREC))
     store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
+    b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         b_th = exp_tangent(b_h, b_th, g_l, tg_l)
-    b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+    b_u = load_operand(U + i_bh * N * V, n_i, m_i, V, o_v, m_v, WIDE)
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
 def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, K: tl.constexpr,
                           V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, USE_H0, STORE_HT,
-                          DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, USE_H0,
+                          STORE_HT, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     b_th = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0 > 0:
@@ -170,12 +172,12 @@ def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T,
         i_c = 0
         while i_c < NC:
             b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(NC):
             b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, DOT, PREC)
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, DOT, PREC)
     if STORE_HT > 0:
         store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
 
@@ -282,6 +284,7 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
            th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
            USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+           WIDE=gate is not None or not TUNING.tiles_tangent(q.dtype),
            num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)

@@ -157,26 +157,24 @@ def test_tuning_spec_is_validated():
         "wy", torch.bfloat16, gate=True)
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
-    assert Tuning().late_wy(torch.float32) and not Tuning().late_wy(torch.bfloat16)
-    assert Tuning().split_dqkw(torch.bfloat16) and not Tuning().update("dqkw_split=f32").split_dqkw(torch.bfloat16)
-    for knob in ("split_scan", "split_wy"):  # on for float32 only, unless set
-        assert getattr(Tuning(), knob)(torch.float32) and not getattr(Tuning(), knob)(torch.bfloat16)
-    assert Tuning().update("scan_split=on,wy_split=off").split_scan(torch.bfloat16)
-    assert not Tuning().update("scan_split=on,wy_split=off").split_wy(torch.float32)
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert Tuning().on("wy_late", f32) and not Tuning().on("wy_late", bf16)
+    assert Tuning().on("dqkw_split", bf16) and not Tuning().update("dqkw_split=f32").on("dqkw_split", bf16)
+    for knob in ("scan_split", "wy_split"):  # on for float32 only, unless set
+        assert Tuning().on(knob, f32) and not Tuning().on(knob, bf16)
+    assert Tuning().update("scan_split=on,wy_split=off").on("scan_split", bf16)
+    assert not Tuning().update("scan_split=on,wy_split=off").on("wy_split", f32)
     with pytest.raises(ValueError, match="wy_split"):
         Tuning().update("wy_split=yes")
     assert Tuning().tangent_gate and not Tuning().update("tangent_gate=0").tangent_gate
-    assert Tuning().update("wy_late=on").late_wy(torch.bfloat16) and not Tuning().update("wy_late=off").late_wy(torch.float32)
-    assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", torch.bfloat16) == (8, 32)
+    assert Tuning().update("wy_late=on").on("wy_late", bf16) and not Tuning().update("wy_late=off").on("wy_late", f32)
+    assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", bf16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
-    assert Tuning().fused_out(torch.bfloat16) and not Tuning().fused_out(torch.float32)  # "bf16": 16-bit inputs only
-    assert Tuning().update("fuse_out=f32").fused_out(torch.float32) and not Tuning().update("fuse_out=off").fused_out(
-        torch.bfloat16)
-    assert Tuning().update("fuse_dv=bf16").fused_dv(torch.bfloat16) and not Tuning().update(
-        "fuse_dv=bf16").fused_dv(torch.float32)
-    assert not Tuning().tiles_tangent(torch.bfloat16) and Tuning().update("tangent_tiles=bf16").tiles_tangent(
-        torch.bfloat16)
+    for knob in ("fuse_out", "fuse_dv"):  # "bf16": 16-bit inputs only
+        assert Tuning().on(knob, bf16) and not Tuning().on(knob, f32)
+    assert Tuning().update("fuse_out=f32").on("fuse_out", f32) and not Tuning().update("fuse_out=off").on("fuse_out", bf16)
+    assert not Tuning().on("tangent_tiles", bf16) and Tuning().update("tangent_tiles=bf16").on("tangent_tiles", bf16)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
 

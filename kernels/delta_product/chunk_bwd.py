@@ -383,7 +383,7 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
     gp = G if use_g else beta
     do = do.contiguous()
-    fuse = TUNING.fused_dv(q.dtype)
+    fuse = TUNING.on("fuse_dv", q.dtype)
     dUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
     if not fuse:
         launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
@@ -404,8 +404,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g, SPLIT=TUNING.split_dqkw(q.dtype),
-           num_warps=TUNING.warps_dqkw, **common)
+           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g,
+           SPLIT=TUNING.on("dqkw_split", q.dtype), num_warps=TUNING.warps_dqkw, **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
@@ -413,6 +413,6 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     wy = TUNING.wy_tile(q.dtype)
     launch(wy_bwd_kernel, (NC, B * H), k, v, beta, gp, Ti, dW, dU, dk_part, dk, dv, dbeta,
            dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=min(c["BK"], wy), BVB=min(c["BVP"], wy),
-           USE_G=use_g, LATE=TUNING.late_wy(q.dtype), num_warps=TUNING.warps_wy, **common)
+           USE_G=use_g, LATE=TUNING.on("wy_late", q.dtype), num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
     return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)

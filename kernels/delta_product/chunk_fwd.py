@@ -197,7 +197,7 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-    split = TUNING.split_scan(q.dtype) and bk > 64
+    split = TUNING.on("scan_split", q.dtype) and bk > 64
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
                 BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk, SPLIT=split, BVP=bv,
                 BKB=min(bk, TUNING.tile(q.dtype)), BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)),
@@ -232,7 +232,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
-    fuse = TUNING.fused_out(q.dtype)
+    fuse = TUNING.on("fuse_out", q.dtype)
     bvs = min(c["BVP"], TUNING.bv_fused) if fuse else c["BVS"]
     launch(scan_h_kernel, (triton.cdiv(V, bvs), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
            ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=bvs, SPLIT=c["SPLIT"],

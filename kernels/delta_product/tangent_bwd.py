@@ -452,8 +452,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     G, tG = gate if gate is not None else (beta, beta)  # placeholders, not read without a gate
     dev, mid, f32 = q.device, dU.dtype, torch.float32
     do = do.contiguous()
-    wide = gate is not None or not TUNING.tiles_tangent(q.dtype)
-    fuse = not wide and TUNING.fused_dv(q.dtype)
+    wide = gate is not None or not TUNING.on("tangent_tiles", q.dtype)
+    fuse = not wide and TUNING.on("fuse_dv", q.dtype)
     tdUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
     if not fuse:
         warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
@@ -478,7 +478,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
-    split = TUNING.split_wy(q.dtype)
+    split = TUNING.on("wy_split", q.dtype)
     cols = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
     tiles = triton.cdiv(K, cols[1]) + triton.cdiv(V, cols[2]) if split else 0  # of wy_cols_tangent_kernel
     tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without split)

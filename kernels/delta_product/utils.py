@@ -197,17 +197,13 @@ class Tuning:
         ``bv_dual``, or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
 
-    def fused_out(self, dtype: torch.dtype) -> bool:
-        """Whether ``scan_h`` forms the output for ``dtype`` (``fuse_out``)."""
-        return _by_dtype(self.fuse_out, dtype)
 
-    def fused_dv(self, dtype: torch.dtype) -> bool:
-        """Whether ``scan_dh`` forms ``dU_loc`` for ``dtype`` (``fuse_dv``)."""
-        return _by_dtype(self.fuse_dv, dtype)
 
-    def tiles_tangent(self, dtype: torch.dtype) -> bool:
-        """Whether the tangent scans load their matmul-only tiles in ``dtype`` (``tangent_tiles``)."""
-        return _by_dtype(self.tangent_tiles, dtype)
+
+    def on(self, knob: str, dtype: torch.dtype) -> bool:
+        """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
+        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
+        return _by_dtype(getattr(self, knob), dtype)
 
     def dh_stages(self, dtype: torch.dtype) -> int:
         """Deepest software pipeline of ``scan_dh``: ``stages_dh``, or when 0, ``stages_scan`` for 16-bit
@@ -233,21 +229,9 @@ class Tuning:
             return self.warps_prep
         return 2 if dtype.itemsize == 2 else 4
 
-    def late_wy(self, dtype: torch.dtype) -> bool:
-        """Whether ``wy_bwd`` runs the late schedule for ``dtype`` (``wy_late``)."""
-        return _by_dtype(self.wy_late, dtype)
 
-    def split_dqkw(self, dtype: torch.dtype) -> bool:
-        """Whether ``dqkw`` runs three loops over the value tiles for ``dtype`` (``dqkw_split``)."""
-        return _by_dtype(self.dqkw_split, dtype)
 
-    def split_wy(self, dtype: torch.dtype) -> bool:
-        """Whether the tangent of ``wy_bwd`` runs as two kernels for ``dtype`` (``wy_split``)."""
-        return _by_dtype(self.wy_split, dtype)
 
-    def split_scan(self, dtype: torch.dtype) -> bool:
-        """Whether the chunk scans hold the state as two row halves for ``dtype`` (``scan_split``)."""
-        return _by_dtype(self.scan_split, dtype)
 
     def update(self, spec: str) -> Tuning:
         """Set fields from ``"field=value,field=value"`` (values parsed by the field's type)."""

@@ -4,9 +4,9 @@ A kernel whose result depends on ``num_stages`` or differs between two identical
 prefetched shared-memory tile overwritten while still read) or a miscompile; the float64 reference says
 which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate, other knobs at
 their defaults) at ``Tuning.stages`` = ``stages_scan`` = ``stages_dh`` = 3, 3 again, 2 and 1, every output and
-saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative norm errors). With ``--hvp`` also
-a Hessian-vector product by double backward (the tangent kernels; gate off and on) at each depth, against the
-first and against float64.
+saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``, ``dβ`` against float64 (relative
+norm errors). With ``--hvp`` also a Hessian-vector product by double backward (the tangent kernels; gate off
+and on) at each depth, against the first and against float64.
 
     python benchmarks/kernels_stage_check.py [--dtypes bfloat16 float32] [--nh 2 3] [--shape B T H D] [--hvp]
         [--out DIR]
@@ -45,48 +45,49 @@ def outputs(x: dict, do, scale: float, stages: int) -> dict:
     return dict(zip(NAMES, (t.clone() for t in (o, *saved, *grads[:4], *mids))))
 
 
-def check(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int]) -> dict:
+def inputs(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int], gate: bool = False):
+    """Benchmark inputs (correlated micro-step keys for ``n_h > 1``) and an output cotangent, on the GPU if any."""
     B, T, H, D = shape
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, correlated=n_h > 1, seed=n_h, device=dev)
-    do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
-    runs = [outputs(x, do, D ** -0.5, s) for s in DEPTHS]
-    x64 = {n: t.double().requires_grad_(True) for n, t in x.items() if t is not None}
-    o64, _ = reference_fn(D ** -0.5, n_h)(x64)
-    g64 = torch.autograd.grad(o64, [x64[n] for n in ("q", "k", "v", "beta")], do.double())
-    ref = dict(zip(("o", "dq", "dk", "dv", "dbeta"), (o64, *g64)))
-    row = dict(dtype=str(dtype)[6:], n_h=n_h, depths=list(DEPTHS),
-               vs_first={n: [rel(r[n], runs[0][n]) for r in runs[1:]] for n in NAMES},
+    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, gate=gate, correlated=n_h > 1, seed=n_h, device=dev)
+    return x, torch.randn(B, T, H, D, device=dev, dtype=dtype), D ** -0.5
+
+
+def compare(row: dict, runs: list[dict], ref: dict, what: str) -> dict:
+    """``row`` with each run's tensors against the first run's and against float64 ``ref``, printed."""
+    row.update(depths=list(DEPTHS), vs_first={n: [rel(r[n], runs[0][n]) for r in runs[1:]] for n in runs[0]},
                vs_float64={n: [rel(r[n], ref[n]) for r in runs] for n in ref})
     row["same_at_every_depth"] = all(e == 0.0 for errs in row["vs_first"].values() for e in errs)
-    print(row["dtype"], n_h, "same at every depth:", row["same_at_every_depth"],
+    print(row["dtype"], row["n_h"], what, "same at every depth:", row["same_at_every_depth"],
           {n: f"{max(e):.2e}" for n, e in row["vs_float64"].items()}, flush=True)
     return row
+
+
+def check(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int]) -> dict:
+    x, do, scale = inputs(dtype, n_h, shape)
+    runs = [outputs(x, do, scale, s) for s in DEPTHS]
+    x64 = {n: t.double().requires_grad_(True) for n, t in x.items() if t is not None}
+    o64, _ = reference_fn(scale, n_h)(x64)
+    g64 = torch.autograd.grad(o64, [x64[n] for n in ("q", "k", "v", "beta")], do.double())
+    ref = dict(zip(("o", "dq", "dk", "dv", "dbeta"), (o64, *g64)))
+    return compare(dict(dtype=str(dtype)[6:], n_h=n_h), runs, ref, "first order")
 
 
 def check_hvp(dtype: torch.dtype, n_h: int, shape: tuple[int, int, int, int], gate: bool) -> dict:
     """The double-backward HVP (``kernels_common.hvp_fn``) at each depth, against the first and float64."""
-    B, T, H, D = shape
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = make_inputs(B, T, H, D, D, n_h, dtype=dtype, gate=gate, correlated=n_h > 1, seed=n_h, device=dev)
+    x, do, scale = inputs(dtype, n_h, shape, gate)
     xs = {n: t.requires_grad_(True) for n, t in x.items() if t is not None}
-    do = torch.randn(B, T, H, D, device=dev, dtype=dtype)
     vs = [torch.randn_like(t, dtype=torch.float64) for t in xs.values()]
     runs = []
     for s in DEPTHS:
         at_depth(s)
-        runs.append([h.clone() for h in hvp_fn(xs, do, vs, D ** -0.5)()])
+        runs.append(dict(zip(xs, (h.clone() for h in hvp_fn(xs, do, vs, scale)()))))
     x64 = {n: t.detach().double().requires_grad_(True) for n, t in xs.items()}
-    o64, _ = reference_fn(D ** -0.5, n_h)(x64)
+    o64, _ = reference_fn(scale, n_h)(x64)
     g64 = torch.autograd.grad(o64, list(x64.values()), do.double(), create_graph=True)
-    ref = torch.autograd.grad(g64, list(x64.values()), vs)
-    row = dict(dtype=str(dtype)[6:], n_h=n_h, gate=gate, depths=list(DEPTHS), timed="hvp",
-               vs_first={n: [rel(r[i], runs[0][i]) for r in runs[1:]] for i, n in enumerate(xs)},
-               vs_float64={n: [rel(r[i], ref[i]) for r in runs] for i, n in enumerate(xs)})
-    row["same_at_every_depth"] = all(e == 0.0 for errs in row["vs_first"].values() for e in errs)
-    print(row["dtype"], n_h, "gate" if gate else "", "HVP same at every depth:", row["same_at_every_depth"],
-          {n: f"{max(e):.2e}" for n, e in row["vs_float64"].items()}, flush=True)
-    return row
+    ref = dict(zip(xs, torch.autograd.grad(g64, list(x64.values()), vs)))
+    return compare(dict(dtype=str(dtype)[6:], n_h=n_h, gate=gate, timed="hvp"), runs, ref,
+                   "HVP" + (" gated" if gate else ""))
 
 
 def main() -> None:

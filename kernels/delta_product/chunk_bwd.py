@@ -394,9 +394,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
            dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
            BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, FUSE_DV=fuse,
-           USE_DHT=int(dht is not None),
-           STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
-           max_stages=TUNING.dh_stages(q.dtype), **common)
+           USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"],
+           num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)

@@ -197,9 +197,6 @@ class Tuning:
         ``bv_dual``, or when 0, ``bv_scan``."""
         return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
 
-
-
-
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
         ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
@@ -229,10 +226,6 @@ class Tuning:
             return self.warps_prep
         return 2 if dtype.itemsize == 2 else 4
 
-
-
-
-
     def update(self, spec: str) -> Tuning:
         """Set fields from ``"field=value,field=value"`` (values parsed by the field's type)."""
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -255,7 +248,8 @@ class Tuning:
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
                                           "tangent_tiles")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
-                              ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)), ("block_dual", (0, 16, 32, 64, 128)),
+                              ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
+                              ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:

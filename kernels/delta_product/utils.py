@@ -81,7 +81,8 @@ class Tuning:
             at n_h = 2 two stages take bf16 ``scan_dh`` from 0.67 to 0.45 ms and float32 ``scan_h`` from 1.41 to
             1.04 ms against three (``benchmarks/results/kernels_scan_tiles.json``).
         stages_dh: the same for ``scan_dh`` alone; 0 (default): ``stages_scan`` for 16-bit inputs and 1 for float32
-            (:meth:`dh_stages`; on an H100 at n_h = 2 float32 ``scan_dh`` takes 1.42 ms at one stage, 2.14 at two).
+            (:meth:`dh_stages`; on an H100 at n_h = 2 float32 ``scan_dh`` takes 1.42–1.43 ms at one stage, 2.14 at two:
+            ``benchmarks/results/kernels_fused_out.json``, calls ``d8``, ``d9``).
         fuse_out: the output formed in ``scan_h`` (which holds ``S_c``, ``U_c`` and the chunk's ``K`` already) instead
             of a separate ``out_kernel`` that reads ``Hs``, ``U`` and ``K`` back; the scan then also reads ``Q`` and
             forms ``Q Kᵀ`` once per value tile. ``"bf16"`` (default: for 16-bit inputs), ``"on"``, ``"off"`` or

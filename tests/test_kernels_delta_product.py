@@ -171,10 +171,10 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", bf16) == (8, 32)
     assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
     assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
-    for knob in ("fuse_out", "fuse_dv"):  # "bf16": 16-bit inputs only
+    for knob in ("fuse_out", "fuse_dv", "tangent_tiles"):  # "bf16": 16-bit inputs only
         assert Tuning().on(knob, bf16) and not Tuning().on(knob, f32)
     assert Tuning().update("fuse_out=f32").on("fuse_out", f32) and not Tuning().update("fuse_out=off").on("fuse_out", bf16)
-    assert not Tuning().on("tangent_tiles", bf16) and Tuning().update("tangent_tiles=bf16").on("tangent_tiles", bf16)
+    assert not Tuning().update("tangent_tiles=off").on("tangent_tiles", bf16)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
 

@@ -167,7 +167,7 @@ class Tuning:
     stages_dh: int = 0
     fuse_out: str = "bf16"
     fuse_dv: str = "bf16"
-    tangent_tiles: str = "off"
+    tangent_tiles: str = "bf16"
     bv_fused: int = 64
     bwd_store: str = "input"
     wy_late: str = "f32"

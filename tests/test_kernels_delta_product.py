@@ -146,7 +146,8 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
-                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes"):
+                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes",
+                    "tangent_tiles=on", "tangent_tiles=f32"):  # float32 tiles: illegal memory access
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles

@@ -226,8 +226,8 @@ def test_kernel_hvp_and_jvp_float32(T, n_h, gate, h0, inverse, hvp_mode, monkeyp
 @pytest.mark.parametrize("T, n_h, h0, K, V, dtype, wy_split, tiles", [
     (70, 1, False, 16, 32, torch.float32, "f32", "off"),   # two chunks, T not divisible by the chunk
     (40, 2, True, 32, 16, torch.float32, "f32", "off"),
-    (40, 2, True, 32, 16, torch.float32, "off", "on"),     # one-kernel tangent of wy_bwd; tangent scans' tiles
-    (30, 3, True, 24, 20, torch.float32, "f32", "on"),     # 63 micro-steps per chunk, odd head dims
+    (40, 2, True, 32, 16, torch.float32, "off", "bf16"),   # one-kernel tangent of wy_bwd; float32 keeps rows
+    (30, 3, True, 24, 20, torch.bfloat16, "f32", "bf16"),  # tiles: 63 micro-steps per chunk, odd head dims
     (5, 4, False, 16, 16, torch.float32, "f32", "off"),    # one short chunk
     (40, 2, True, 32, 16, torch.bfloat16, "f32", "off"),
     (40, 2, True, 32, 16, torch.bfloat16, "on", "off"),    # the two-kernel tangent of wy_bwd in bf16
@@ -237,8 +237,8 @@ def test_dual_kernels_hvp_and_jvp(T, n_h, h0, K, V, dtype, wy_split, tiles, monk
     """The tangent kernels (``hvp_mode = "dual"``, the default):
     double backward and ``jvp`` against the float64 recurrence, every buffer NaN-poisoned first
     (tolerance: float32 2e-5, bf16 4e-2 as for the first order); both ``wy_split`` forms in each dtype, and the
-    tangent scans on float32 rows or on input-dtype tiles with ``dU̇_loc`` formed in ``scan_dh_tangent``
-    (``tangent_tiles``; ``fuse_dv`` is on for bf16 only, so float32 keeps ``dv_local_tangent``)."""
+    tangent scans on float32 rows or, for bf16, on input-dtype tiles with ``dU̇_loc`` formed in ``scan_dh_tangent``
+    (``tangent_tiles``)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
     monkeypatch.setattr(TUNING, "tangent_tiles", tiles)
@@ -269,7 +269,7 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
-    monkeypatch.setattr(TUNING, "tangent_tiles", "on" if T % 20 == 0 else "off")
+    monkeypatch.setattr(TUNING, "tangent_tiles", "bf16" if T % 20 == 0 else "off")
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,

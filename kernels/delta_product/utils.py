@@ -95,13 +95,13 @@ class Tuning:
             the fused ``scan_dh`` takes 0.38 ms against 0.45 + 0.14 for ``scan_dh`` and ``dv_local`` (it no longer
             reads ``dU_loc`` back); float32's takes 2.5 ms against 1.43 + 0.34
             (``benchmarks/results/kernels_fused_out.json``).
-        tangent_tiles: the tangent chunk scans without a gate load the tiles they read only as matmul operands in
-            the input dtype (``common.load_tile``), as the first-order scans do, and with ``fuse_dv`` too
-            ``scan_dh_tangent`` forms ``dU̇_loc`` in place of ``dv_local_tangent``. Values as ``fuse_out``;
-            ``"off"`` (default) until a GPU fuzz run passes: on an H100 ``"on"`` took the bf16 HVP from 7.44 to
-            6.87 ms at n_h = 2 (10.57 against 11.54 at n_h = 3) but float32 ``scan_dh_tangent`` from 4.31 to 4.84,
-            and the float32 second order hit an illegal memory access at K = V = 64, n_h = 4
-            (``benchmarks/results/kernels_fused_out.json``, call ``d13``).
+        tangent_tiles: ``"bf16"`` (default) or ``"off"``: for 16-bit inputs without a gate the tangent chunk scans
+            load the tiles they read only as matmul operands in the input dtype (``common.load_tile``), as the
+            first-order scans do, and with ``fuse_dv`` ``scan_dh_tangent`` forms ``dU̇_loc`` in place of
+            ``dv_local_tangent``. On an H100 it takes the bf16 HVP from 7.42 to 6.71 ms at n_h = 2 and from 11.50
+            to 10.46 at n_h = 3 (``benchmarks/results/kernels_tangent_tiles.json``). Float32 keeps its rows: its
+            tile form was no faster (``scan_dh_tangent`` 4.31 → 4.84 ms) and ``scan_dh_tangent`` hit an illegal
+            memory access at K = V = 64, n_h = 4 with Triton 3.6, so ``"on"`` and ``"f32"`` are refused.
         bv_fused: value columns per program of ``scan_h`` when it forms the output (``fuse_out``); the other
             scans take ``bv_scan``.
         bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
@@ -246,8 +246,8 @@ class Tuning:
             raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
-                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
-                                          "tangent_tiles")),
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),
+                              ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
                               ("block_dual", (0, 16, 32, 64, 128)),

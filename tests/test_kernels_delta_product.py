@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from kernels.delta_product import chunk_delta_product
+from kernels.delta_product import chunk_delta_product, chunk_fwd
 from kernels.delta_product import utils
 from kernels.delta_product.utils import TUNING, Tuning, launch
 from lrnn.ops.recurrent import delta_product_recurrent
@@ -109,8 +109,8 @@ def tuned():
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
         ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36, True),  # wy_bwd over three masked tiles
-        ("fuse_out=on,bv_fused=32", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
-        ("bv_fused=16,stages_dh=1", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
+        ("fuse_out=on,bv_fused=32,fuse_min_programs=0", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
+        ("bv_fused=16,stages_dh=1,fuse_min_programs=0", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
         ("fuse_out=off,stages_dh=2", torch.float32, 1, 32, 32, False),
         ("fuse_out=off", torch.bfloat16, 2, 40, 24, False),
         ("fuse_dv=on", torch.float32, 2, 80, 72, True),  # dU_loc in the scan, state halves (second one masked)
@@ -123,6 +123,18 @@ def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V, gate):
     x = make_inputs(B=1, T=45, n_h=n_h, H=2, K=K, V=V, gate=gate, initial_state=True, correlated=True,
                     seed=40 + n_h)
     _check_first_order(x, dtype, scale=0.7)
+
+
+@pytest.mark.parametrize("min_programs, fused", [(0, True), (3, False)])
+def test_fuse_out_only_on_a_full_grid(tuned, monkeypatch, min_programs, fused):
+    """``fuse_min_programs``: bf16 ``scan_h`` forms the output when its grid (``⌈V / bv_fused⌉·B·H = 2``
+    programs here) has at least that many programs, else ``out_kernel`` runs; both match the recurrence."""
+    tuned(f"fuse_min_programs={min_programs}")
+    launched, real = [], chunk_fwd.launch
+    monkeypatch.setattr(chunk_fwd, "launch", lambda kernel, *a, **kw: (launched.append(kernel), real(kernel, *a, **kw)))
+    x = make_inputs(B=1, T=30, n_h=2, H=2, K=32, V=32, gate=True, initial_state=True, correlated=True, seed=5)
+    _check_first_order(x, torch.bfloat16, scale=0.7)
+    assert (chunk_fwd.out_kernel in launched) is not fused and chunk_fwd.scan_h_kernel in launched
 
 
 def test_tuning_spec_is_validated():
@@ -146,7 +158,7 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
-                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes",
+                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
                     "tangent_tiles=on", "tangent_tiles=f32"):  # float32 tiles: illegal memory access
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
@@ -176,6 +188,9 @@ def test_tuning_spec_is_validated():
         assert Tuning().on(knob, bf16) and not Tuning().on(knob, f32)
     assert Tuning().update("fuse_out=f32").on("fuse_out", f32) and not Tuning().update("fuse_out=off").on("fuse_out", bf16)
     assert not Tuning().update("tangent_tiles=off").on("tangent_tiles", bf16)
+    # fuse_out at fused grids of at least fuse_min_programs programs only
+    assert Tuning().fuses_out(bf16, 128) and not Tuning().fuses_out(bf16, 127) and not Tuning().fuses_out(f32, 10 ** 4)
+    assert Tuning().update("fuse_min_programs=0").fuses_out(bf16, 1)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
 

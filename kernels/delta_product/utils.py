@@ -89,6 +89,13 @@ class Tuning:
             ``"f32"``. On an H100 at n_h = 2, bf16, the fused scan takes 0.44 ms at 64 value columns, against
             0.34 + 0.23 for ``scan_h`` and ``out``; float32's spills 2.6 KB a thread (gated: 9.5 against
             1.05 + 1.38 ms) (``benchmarks/results/kernels_fused_out.json``).
+        fuse_min_programs: ``fuse_out`` only when the fused ``scan_h`` has at least this many programs
+            (``⌈V / bv_fused⌉·B·H``, :meth:`fuses_out`); smaller grids run ``scan_h`` at ``bv_scan`` columns and
+            ``out_kernel``. Fusing lengthens each program's sequential chunk loop, which only pays while the grid
+            fills the GPU: on an H100, bf16, the fused scan won at (4, 4096, 16, 128) (128 programs: 2.40 against
+            2.61 ms fwd+bwd at n_h = 2) and lost at (2, 8192, 8, 64) (16 programs: 1.46 against 1.29 at n_h = 2,
+            2.16 against 1.88 at n_h = 3; at ``bv_fused=16``, 64 programs, 1.36 and 2.04;
+            ``benchmarks/results/kernels_knobs_d64.json``).
         fuse_dv: ``dU_loc = Pᵀ dO`` formed in ``scan_dh`` (which holds the chunk's ``K`` and ``dO`` tiles and
             loads ``Q``'s first) instead of a separate ``dv_local_kernel`` whose result the scan reads back; the
             scan then also forms ``Q Kᵀ`` once per value tile. Values as ``fuse_out``. On an H100 at n_h = 2, bf16,
@@ -169,6 +176,7 @@ class Tuning:
     fuse_dv: str = "bf16"
     tangent_tiles: str = "bf16"
     bv_fused: int = 64
+    fuse_min_programs: int = 128
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"
@@ -202,6 +210,11 @@ class Tuning:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
         ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
+
+    def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
+        """Whether ``scan_h`` forms the output (``fuse_out``) for inputs of ``dtype`` when its fused grid has
+        ``programs`` programs (at least ``fuse_min_programs``)."""
+        return self.on("fuse_out", dtype) and programs >= self.fuse_min_programs
 
     def dh_stages(self, dtype: torch.dtype) -> int:
         """Deepest software pipeline of ``scan_dh``: ``stages_dh``, or when 0, ``stages_scan`` for 16-bit
@@ -242,8 +255,9 @@ class Tuning:
         if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4 or not 0 <= self.stages_dh <= 4:
             raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4 and stages_dh in 0..4, "
                              f"got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`")
-        if self.tangent_min_dim < 0:
-            raise ValueError(f"DELTA_PRODUCT_TUNING: tangent_min_dim must be >= 0, got `{self.tangent_min_dim}`")
+        for name in ("tangent_min_dim", "fuse_min_programs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),

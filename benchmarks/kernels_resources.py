@@ -8,7 +8,8 @@ for ``GPUTarget("cuda", 90, 32)`` at the launch's ``num_warps``, and the ``cuobj
 Triton reads the registers per thread and the stack frame (spilled registers) from the cubin. Like
 ``launch`` on a GPU, a kernel whose shared memory exceeds the H100's 227 KB per block is rebuilt with
 one pipeline stage less. The sizes that are not constexprs (``B``, ``T``, ``H``) do not change the
-code, so a short sequence stands in for the benchmark shapes; divisibility specialisation of integer
+code, so a short sequence stands in for the benchmark shapes (at their first shape's ``B·H``, on which
+``Tuning.fuse_min_programs`` depends); divisibility specialisation of integer
 arguments is not modelled (pointers are taken as 16-byte aligned, as a GPU launch sees them).
 
 A kernel that compiles here may still fail on a GPU at run time (an illegal memory access is not a
@@ -110,7 +111,7 @@ def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int) -> list[dict]:
     for m in modules:
         m.launch = compiler
     try:
-        B, T, H = 1, 64, 1
+        B, T, H = 4, 64, 16  # B·H of (4, 4096, 16, 128): the grid decides Tuning.fuses_out as it does there
         q = torch.zeros(B, T, H, D, dtype=dtype)
         k, v = torch.zeros(B, T, n_h, H, D, dtype=dtype), torch.zeros(B, T, n_h, H, D, dtype=dtype)
         beta, h0 = torch.zeros(B, T, n_h, H), torch.zeros(B, H, D, D)

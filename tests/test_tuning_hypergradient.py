@@ -166,10 +166,9 @@ def test_relaxed_nh_with_gates_zero_beyond_the_first_is_nh_1(backend):
     tokens = make_task("parity").sample(3, 13, 0).tokens
     out3 = functional_call(m3, model_inputs(m3, p3, space3.full(lam3)), (tokens,))
     out1 = functional_call(m1, model_inputs(m1, p1, space1.full({})), (tokens,))
-    if backend == "recurrent":
-        assert torch.equal(out3, out1)
-    else:
-        torch.testing.assert_close(out3, out1, rtol=0, atol=1e-12)
+    # the same sums with exact zeros added: equal up to the rounding of reordered float64 reductions (the
+    # recurrent path within a few ulps; it differed by one on some CPUs), the chunked path's blocked solves more
+    torch.testing.assert_close(out3, out1, rtol=0, atol=1e-14 if backend == "recurrent" else 1e-12)
     # the gates stay differentiable at 0: the relaxation can switch micro-steps back on
     grad = torch.func.grad(lambda lam: trainer3.logits(p3, lam, tokens).square().sum())(lam3)["step_gates"]
     assert grad[0, 1:].abs().min() > 0

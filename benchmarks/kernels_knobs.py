@@ -27,7 +27,6 @@ from kernels_common import hvp_fn, kernel_profile, make_inputs, ours, rel, run_a
 from kernels.delta_product.utils import TUNING
 
 
-
 def measure(dtype: torch.dtype, n_h: int, specs: list[str], gate: bool = False, hvp: bool = False,
             shape: tuple[int, int, int, int] = (4, 4096, 16, 128)) -> list[dict]:
     B, T, H, D = shape

@@ -188,6 +188,9 @@ def test_tuning_spec_is_validated():
         assert Tuning().on(knob, bf16) and not Tuning().on(knob, f32)
     assert Tuning().update("fuse_out=f32").on("fuse_out", f32) and not Tuning().update("fuse_out=off").on("fuse_out", bf16)
     assert not Tuning().update("tangent_tiles=off").on("tangent_tiles", bf16)
+    # the tangent scans on float32 rows with a gate, for float32, and with tangent_tiles off; else on bf16 tiles
+    assert not Tuning().tangent_rows(bf16, gate=False) and Tuning().tangent_rows(bf16, gate=True)
+    assert Tuning().tangent_rows(f32, gate=False) and Tuning().update("tangent_tiles=off").tangent_rows(bf16, False)
     # fuse_out at fused grids of at least fuse_min_programs programs only
     assert Tuning().fuses_out(bf16, 128) and not Tuning().fuses_out(bf16, 127) and not Tuning().fuses_out(f32, 10 ** 4)
     assert Tuning().update("fuse_min_programs=0").fuses_out(bf16, 1)

@@ -233,9 +233,9 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     U = alloc(B, H, N, V, device=dev, dtype=st)
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
-    bvs = min(c["BVP"], TUNING.bv_fused)
-    fuse = TUNING.fuses_out(q.dtype, triton.cdiv(V, bvs) * B * H)
-    bvs = bvs if fuse else c["BVS"]
+    bv_fused = min(c["BVP"], TUNING.bv_fused)
+    fuse = TUNING.fuses_out(q.dtype, triton.cdiv(V, bv_fused) * B * H)
+    bvs = bv_fused if fuse else c["BVS"]
     launch(scan_h_kernel, (triton.cdiv(V, bvs), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
            ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=bvs, SPLIT=c["SPLIT"],
            USE_G=use_g, FUSE_OUT=fuse, USE_H0=int(h0 is not None), STORE_HT=int(ht is not None),

@@ -452,7 +452,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     G, tG = gate if gate is not None else (beta, beta)  # placeholders, not read without a gate
     dev, mid, f32 = q.device, dU.dtype, torch.float32
     do = do.contiguous()
-    wide = gate is not None or not TUNING.on("tangent_tiles", q.dtype)
+    wide = TUNING.tangent_rows(q.dtype, gate is not None)
     fuse = not wide and TUNING.on("fuse_dv", q.dtype)
     tdUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
     if not fuse:

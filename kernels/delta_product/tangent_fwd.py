@@ -284,7 +284,7 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
            th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
            USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
-           WIDE=gate is not None or not TUNING.on("tangent_tiles", q.dtype),
+           WIDE=TUNING.tangent_rows(q.dtype, gate is not None),
            num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)

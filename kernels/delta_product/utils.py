@@ -216,6 +216,11 @@ class Tuning:
         ``programs`` programs (at least ``fuse_min_programs``)."""
         return self.on("fuse_out", dtype) and programs >= self.fuse_min_programs
 
+    def tangent_rows(self, dtype: torch.dtype, gate: bool) -> bool:
+        """Whether the tangent chunk scans read their tiles as float32 rows (``WIDE``): with a gate, whose terms
+        read them elementwise, or when ``tangent_tiles`` is off for ``dtype``."""
+        return gate or not self.on("tangent_tiles", dtype)
+
     def dh_stages(self, dtype: torch.dtype) -> int:
         """Deepest software pipeline of ``scan_dh``: ``stages_dh``, or when 0, ``stages_scan`` for 16-bit
         inputs and 1 for float32 (whose ``scan_dh`` spills at two stages: 2.14 instead of 1.42 ms on an H100

@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton
 
-from kernels.delta_product import chunk_delta_product, chunk_fwd
+from kernels.delta_product import chunk_bwd, chunk_delta_product, chunk_fwd
 from kernels.delta_product import utils
 from kernels.delta_product.utils import TUNING, Tuning, launch
 from lrnn.ops.recurrent import delta_product_recurrent
@@ -137,6 +137,35 @@ def test_fuse_out_only_on_a_full_grid(tuned, monkeypatch, min_programs, fused):
     assert (chunk_fwd.out_kernel in launched) is not fused and chunk_fwd.scan_h_kernel in launched
 
 
+@pytest.mark.parametrize(
+    "spec, dtype, T, n_h, K, V, gate",
+    [
+        ("scan_groups=3", torch.float32, 200, 3, 24, 20, True),  # 10 chunks: groups of 4, 4, 2
+        ("scan_groups=4", torch.float32, 150, 2, 80, 72, True),  # 5 chunks: 2, 2, 1; the state in halves
+        ("scan_groups=2,fuse_dv=on", torch.float32, 300, 1, 32, 32, False),
+        ("scan_groups=16", torch.bfloat16, 200, 3, 40, 72, True),  # ten groups of one chunk, five value tiles
+        ("scan_groups=3,fuse_min_programs=0", torch.bfloat16, 130, 2, 32, 48, False),  # the output in the scan
+    ],
+)
+def test_chunk_groups_match_recurrence(tuned, monkeypatch, spec, dtype, T, n_h, K, V, gate):
+    """``scan_groups``: the chunk scans in groups, each started from the summaries ``[S | M]`` of the groups
+    before it (after it, reverse), match the recurrence; the summary pass and the scan pass both launch with
+    the groups on the grid's third axis."""
+    tuned(spec + ",group_min_chunks=1")
+    grids = {}
+    for module in (chunk_fwd, chunk_bwd):
+        real = module.launch
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, *a, _real=real, **kw: (
+            grids.setdefault(kernel.__name__, []).append(grid), _real(kernel, grid, *a, **kw)))
+    x = make_inputs(B=1, T=T, n_h=n_h, H=2, K=K, V=V, gate=gate, initial_state=True, correlated=True,
+                    seed=60 + T + n_h)
+    _check_first_order(x, dtype, scale=0.7)
+    nc = triton.cdiv(T, utils.chunk_tokens(n_h))
+    ng = triton.cdiv(nc, triton.cdiv(nc, min(TUNING.scan_groups, nc)))
+    for name in ("scan_h_kernel", "scan_dh_kernel"):
+        assert [g[2] for g in grids[name]] == [ng - 1, ng], (name, grids[name])
+
+
 def test_tuning_spec_is_validated():
     assert Tuning().update("inverse=packed,warps_wy=8,hvp_tf32=0").spec() == "inverse=packed,warps_wy=8,hvp_tf32=False"
     loaded = Tuning().update("inverse=packed,stages=2").load("warps_wy=8")  # the rest back to the defaults
@@ -159,7 +188,7 @@ def test_tuning_spec_is_validated():
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
                     "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
-                    "tangent_tiles=on", "tangent_tiles=f32"):  # float32 tiles: illegal memory access
+                    "tangent_tiles=on", "tangent_tiles=f32", "scan_groups=-1", "group_min_chunks=-2"):  # float32 tiles: illegal memory access
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
@@ -196,6 +225,12 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("fuse_min_programs=0").fuses_out(bf16, 1)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
+    # chunk groups: enough to reach group_programs (at most 8), no fewer than group_min_chunks chunks each
+    assert Tuning().groups(32, 400) == 4 and Tuning().groups(16, 400) == 8 and Tuning().groups(128, 400) == 1
+    assert Tuning().groups(1, 400) == 8 and Tuning().groups(32, 40) == 2 and Tuning().groups(32, 10) == 1
+    assert Tuning().update("scan_groups=3").groups(10 ** 4, 400) == 3
+    assert Tuning().update("scan_groups=1").groups(1, 400) == 1
+    assert Tuning().update("group_min_chunks=0,scan_groups=6").groups(1, 4) == 4
 
 
 class _FakeKernel:

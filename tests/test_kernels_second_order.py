@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from kernels.delta_product import chunk_delta_product, chunk_scan, composed_delta_product
 from kernels.delta_product import chunk as chunk_module
+from kernels.delta_product import tangent_bwd, tangent_fwd
 from kernels.delta_product.tri_inverse import unit_lower_inverse
-from kernels.delta_product.utils import TUNING, chunk_local_cumsum
+from kernels.delta_product.utils import TUNING, chunk_local_cumsum, chunk_tokens
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
@@ -283,6 +285,31 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
     # the double backward (a tangent forward and backward) and the jvp (a tangent forward), all gated
     assert sorted(calls) == [("chunk_bwd_tangent", True)] + [("chunk_fwd_tangent", True)] * 2, calls
+
+
+@pytest.mark.parametrize("T, n_h, K, V, dtype, gate, groups", [
+    (200, 3, 24, 20, torch.float32, False, 3),   # 10 chunks in groups of 4, 4, 2; odd head dims
+    (130, 2, 32, 16, torch.float32, True, 16),   # 5 chunks, a group each, with a gate
+    (200, 3, 32, 48, torch.bfloat16, False, 4),  # bf16 tiles and dU̇_loc in scan_dh_tangent
+])
+def test_tangent_scans_in_chunk_groups(T, n_h, K, V, dtype, gate, groups, monkeypatch):
+    """``scan_groups`` in the tangent scans (the primal's transition, tangent injections): double backward and
+    ``jvp`` against the float64 recurrence with poisoned buffers, and every tangent scan launched in groups."""
+    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
+    monkeypatch.setattr(TUNING, "scan_groups", groups)
+    monkeypatch.setattr(TUNING, "group_min_chunks", 1)
+    calls = []
+    for module in (tangent_fwd, tangent_bwd):
+        _spy(monkeypatch, module, "launch_scan", calls, lambda kernel, c, *a, **kw: (kernel.__name__, c["NG"]))
+    x = make_inputs(B=1, T=T, n_h=n_h, H=2, K=K, V=V, gate=gate, initial_state=True, correlated=True, seed=T + K)
+
+    def kernel(**a):
+        return chunk_delta_product(**a, output_final_state=True, scale=0.8)
+
+    _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
+    nc = triton.cdiv(T, chunk_tokens(n_h))
+    ng = triton.cdiv(nc, triton.cdiv(nc, min(groups, nc)))
+    assert sorted(set(calls)) == [("scan_dh_tangent_kernel", ng), ("scan_h_tangent_kernel", ng)], calls
 
 
 @pytest.mark.parametrize("gate, tangent_gate", [(False, False), (True, False), (True, True)])

@@ -18,10 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.delta_product.chunk_fwd import launch_config
+from kernels.delta_product.chunk_fwd import launch_config, launch_scan
 from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
+    group_chunks,
+    group_end,
+    group_start,
     load_rows,
     load_tile,
     local_scores,
@@ -59,15 +62,17 @@ def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.con
 def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
              H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
              BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_DV: tl.constexpr,
-             DOT: tl.constexpr, PREC: tl.constexpr):
+             STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_c`` in reverse: store ``dS_{c+1}``, form and store ``dU = dU_loc + K̃ dS_{c+1}``, return ``dS_c``.
     The state is ``b_dh`` (rows ``o_k``) and, with ``SPLIT``, ``b_dh2`` (rows ``o_k + BK``). With ``FUSE_DV``
-    ``dU_loc = Pᵀ dO`` is formed here from the chunk's ``Q``, ``K`` and ``dO`` tiles, not read from ``dUl``."""
+    ``dU_loc = Pᵀ dO`` is formed here from the chunk's ``Q``, ``K`` and ``dO`` tiles, not read from ``dUl``.
+    Without ``STORE`` (a group's summary) nothing is stored."""
     o_k2, m_k2 = o_k + BK, o_k + BK < K
     # dS_{c+1}'s second half is stored inside each branch below, after the first half's product: hoisted here,
     # float32 scan_dh (split by default) took 1.54 instead of 1.43 ms on an H100 at n_h = 2
     # (benchmarks/results/kernels_knobs_f32_warps.json against kernels_fused_out.json, call d11)
-    store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
+    if STORE:
+        store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K, Q's factor e^{Gq} and the decay e^{G_L}
@@ -88,7 +93,8 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_du = mm(b_k, b_dh, DOT, PREC)
         b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
         if SPLIT:
-            store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+            if STORE:
+                store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
             b_q2 = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k2, m_k2)
             b_k2 = load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2)
             b_du += mm(b_k2, b_dh2, DOT, PREC)
@@ -99,9 +105,11 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_du = load_rows(dUl + i_bh * N * V, n_i, m_i, V, o_v, m_v)
         b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k), b_dh, DOT, PREC) * b_d[:, None]
         if SPLIT:
-            store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+            if STORE:
+                store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
             b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2), b_dh2, DOT, PREC) * b_d[:, None]
-    store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
+    if STORE:
+        store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
     if not FUSE_DV:
         b_do = load_rows(dO + i_h * V, rows_q, m_t, H * V, o_v, m_v)
         b_q = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k, m_k)
@@ -121,36 +129,32 @@ def _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K: tl.constexpr, n_i
     return b_dh * b_a + mm(tl.trans(b_q), b_do * b_e[:, None], DOT, PREC) - mm(tl.trans(b_w), b_du, DOT, PREC)
 
 
-@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0"])
-def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, K: tl.constexpr,
-                   V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_DV: tl.constexpr,
-                   USE_DHT, STORE_DH0, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0", "CG", "NG"])
+def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, USE_DHT, STORE_DH0, Sum, CG, NG,
+                   K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                   BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
+                   FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``).
-    ``FUSE_DV`` (``Tuning.fuse_dv``): ``dU_loc`` formed here, in place of :func:`dv_local_kernel`."""
+    ``FUSE_DV`` (``Tuning.fuse_dv``): ``dU_loc`` formed here, in place of :func:`dv_local_kernel`. Chunk groups
+    and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel`, in reverse."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT > 0:
-        b_dh += load_rows(dHT + i_bh * K * V, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            b_dh2 += load_rows(dHT + i_bh * K * V, o_k + BK, o_k + BK < K, V, o_v, m_v)
+    i_g, c0, c1 = group_chunks(CG, NC, True, SUMMARY)
+    b_dh, b_dh2 = group_start(Sum, dHT, USE_DHT, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, True,
+                              SUMMARY, PREC_C)
     if INTERPRET:
-        it = 0
-        while it < NC:
-            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
-                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
+        i_c = c1 - 1
+        while i_c >= c0:
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC,
+                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV, not SUMMARY,
                                    DOT, PREC)
-            it += 1
+            i_c -= 1
     else:
-        for it in range(NC):
-            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, NC - 1 - it, i_b, i_h, i_bh, T,
+        for it in range(c1 - c0):
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, c1 - 1 - it, i_b, i_h, i_bh, T,
                                    N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
-                                   DOT, PREC)
-    if STORE_DH0 > 0:
-        store_rows(dH0 + i_bh * K * V, b_dh, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(dH0 + i_bh * K * V, b_dh2, o_k + BK, o_k + BK < K, V, o_v, m_v)
+                                   not SUMMARY, DOT, PREC)
+    group_end(Sum, dH0, STORE_DH0, b_dh, b_dh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
 @triton.jit
@@ -394,11 +398,10 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
-    launch(scan_dh_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, gp, W, do, dUl,
-           dht.contiguous() if dht is not None else dUl, dHs, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC,
-           BQ=c["BQ"], BK=c["BKS"], BV=c["BVS"], SPLIT=c["SPLIT"], USE_G=use_g, FUSE_DV=fuse,
-           USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"],
-           num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
+    launch_scan(scan_dh_kernel, c, c["BVS"], q, k, gp, W, do, dUl, dht.contiguous() if dht is not None else dUl, dHs,
+                dU, dh0 if dh0 is not None else dUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], SPLIT=c["SPLIT"],
+                USE_G=use_g, FUSE_DV=fuse, USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None),
+                INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)

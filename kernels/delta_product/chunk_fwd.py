@@ -19,6 +19,9 @@ from torch import Tensor
 
 from kernels.delta_product.common import (
     chunk_gate_end,
+    group_chunks,
+    group_end,
+    group_start,
     load_rows,
     load_tile,
     local_scores,
@@ -82,20 +85,24 @@ def prep_kernel(k, v, beta, G, Ti, W, U0, T, N, H, K: tl.constexpr, V: tl.conste
 def _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
             BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_OUT: tl.constexpr,
-            DOT: tl.constexpr, PREC: tl.constexpr):
+            STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_c``: store ``S_c``, form and store ``U_c = U₀ − W S_c`` and, with ``FUSE_OUT``, the output
     rows of :func:`out_kernel` in this program's value columns; return ``S_{c+1}``. The state is ``b_h`` (rows
-    ``o_k``) and, with ``SPLIT``, ``b_h2`` (rows ``o_k + BK``), each with its own key columns."""
+    ``o_k``) and, with ``SPLIT``, ``b_h2`` (rows ``o_k + BK``), each with its own key columns. Without ``STORE``
+    (a group's summary) nothing is stored."""
     o_k2, m_k2 = o_k + BK, o_k + BK < K
-    store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
+    if STORE:
+        store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h, o_k, m_k, V, o_v, m_v)
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_u = load_rows(U0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
     b_u -= mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_h, DOT, PREC)
     if SPLIT:
-        store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h2, o_k2, m_k2, V, o_v, m_v)
+        if STORE:
+            store_rows(Hs + (i_bh * NC + i_c) * K * V, b_h2, o_k2, m_k2, V, o_v, m_v)
         b_u -= mm(load_tile(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2), b_h2, DOT, PREC)
-    store_rows(U + i_bh * N * V, b_u, n_i, m_i, V, o_v, m_v)
+    if STORE:
+        store_rows(U + i_bh * N * V, b_u, n_i, m_i, V, o_v, m_v)
     b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K and the state's decay e^{G_L}
     b_a = 1.0
     if USE_G:
@@ -138,34 +145,30 @@ def out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: t
     return b_o, local_scores(b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH, USE_G)
 
 
-@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
-def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, K: tl.constexpr, V: tl.constexpr,
-                  NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_OUT: tl.constexpr, USE_H0, STORE_HT,
-                  DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT", "CG", "NG"])
+def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, USE_H0, STORE_HT, Sum, CG, NG,
+                  K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
+                  FUSE_OUT: tl.constexpr, SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                  PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``);
-    ``FUSE_OUT`` (``Tuning.fuse_out``): the output too, in place of :func:`out_kernel`."""
+    ``FUSE_OUT`` (``Tuning.fuse_out``): the output too, in place of :func:`out_kernel`. Chunk groups
+    (``Tuning.scan_groups``): program ``(·, ·, i_g)`` scans group ``i_g`` from the start that
+    :func:`~kernels.delta_product.common.group_start` forms; ``SUMMARY``: the groups' summaries instead."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0 > 0:
-        b_h += load_rows(H0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            b_h2 += load_rows(H0 + i_bh * K * V, o_k + BK, o_k + BK < K, V, o_v, m_v)
+    i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
+    b_h, b_h2 = group_start(Sum, H0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, False, SUMMARY,
+                            PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
-        i_c = 0
-        while i_c < NC:
+        i_c = c0
+        while i_c < c1:
             b_h, b_h2 = _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, DOT, PREC)
+                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, not SUMMARY, DOT, PREC)
             i_c += 1
     else:
-        for i_c in range(NC):
+        for i_c in range(c0, c1):
             b_h, b_h2 = _h_step(k, q, G, W, U0, Hs, U, O, b_h, b_h2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, DOT, PREC)
-    if STORE_HT > 0:
-        store_rows(HT + i_bh * K * V, b_h, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(HT + i_bh * K * V, b_h2, o_k + BK, o_k + BK < K, V, o_v, m_v)
+                                o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_OUT, not SUMMARY, DOT, PREC)
+    group_end(Sum, HT, STORE_HT, b_h, b_h2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, False, SUMMARY)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H"])
@@ -192,17 +195,39 @@ def out_kernel(q, k, G, Hs, U, O, scale, T, N, NC, H, K: tl.constexpr, V: tl.con
 
 
 def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
-    """Sizes and constexprs shared by the forward and backward launches (``dual``: of the tangent kernels)."""
+    """Sizes and constexprs shared by the forward and backward launches (``dual``: of the tangent kernels);
+    ``NG`` chunk groups of ``CG`` chunks for the chunk scans (:meth:`Tuning.groups`)."""
     B, T, H, K = q.shape
     n_h, V = k.shape[2], v.shape[-1]
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     split = TUNING.on("scan_split", q.dtype) and bk > 64
-    return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=triton.cdiv(T, ct), BT=BLOCK_STEPS,
-                BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk, SPLIT=split, BVP=bv,
-                BKB=min(bk, TUNING.tile(q.dtype)), BVB=min(bv, TUNING.tile(q.dtype)), BVS=min(bv, TUNING.scan_cols(dual)),
+    bvs = min(bv, TUNING.scan_cols(dual))
+    nc = triton.cdiv(T, ct)
+    cg = triton.cdiv(nc, TUNING.groups(triton.cdiv(V, bvs) * B * H, nc))
+    return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=nc, NG=triton.cdiv(nc, cg), CG=cg,
+                BT=BLOCK_STEPS, BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk,
+                SPLIT=split, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)), BVB=min(bv, TUNING.tile(q.dtype)), BVS=bvs,
                 DOT=dot, PREC=prec, INTERPRET=interpreting())
+
+
+def launch_scan(kernel, c: dict, bv: int, *args, summary: dict | None = None, **kwargs) -> None:
+    """A chunk scan over ``c["NG"]`` groups of ``c["CG"]`` chunks, ``bv`` value columns per program: with more
+    than one group, first its summary pass (``SUMMARY``, on ``V + K`` columns, one program column per group but
+    the last, or the first for a reverse scan; ``summary``: constexprs that differ there) into a float32 buffer,
+    then the scan pass, whose programs start from it (:func:`~kernels.delta_product.common.group_start`).
+    The kernel takes ``Sum, CG, NG`` (the summaries, chunks per group, groups) and ``BV``, ``SUMMARY``, ``PREC_C``
+    (the summaries' matmul precision) from here."""
+    BH, K, V, ng, cg = c["B"] * c["H"], c["K"], c["V"], c["NG"], c["CG"]
+    prec_c = dot_config(torch.float32)[1]
+    sums = args[0]  # not read with one group
+    if ng > 1:
+        sums = alloc(ng - 1, BH, K, K + V, device=args[0].device, dtype=torch.float32)
+        launch(kernel, (triton.cdiv(K + V, bv), BH, ng - 1), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=True,
+               PREC_C=prec_c, **{**kwargs, **(summary or {})})
+    launch(kernel, (triton.cdiv(V, bv), BH, ng), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=False, PREC_C=prec_c,
+           **kwargs)
 
 
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,
@@ -234,12 +259,12 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     bv_fused = min(c["BVP"], TUNING.bv_fused)
-    fuse = TUNING.fuses_out(q.dtype, triton.cdiv(V, bv_fused) * B * H)
-    bvs = bv_fused if fuse else c["BVS"]
-    launch(scan_h_kernel, (triton.cdiv(V, bvs), B * H), k, q, gp, W, U0, h0 if h0 is not None else W, Hs, U, o,
-           ht if ht is not None else W, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], BV=bvs, SPLIT=c["SPLIT"],
-           USE_G=use_g, FUSE_OUT=fuse, USE_H0=int(h0 is not None), STORE_HT=int(ht is not None),
-           INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.stages_scan, **common)
+    fuse = TUNING.fuses_out(q.dtype, triton.cdiv(V, bv_fused) * B * H * c["NG"])
+    launch_scan(scan_h_kernel, c, bv_fused if fuse else c["BVS"], k, q, gp, W, U0, h0 if h0 is not None else W, Hs,
+                U, o, ht if ht is not None else W, scale, T, N, NC, summary=dict(FUSE_OUT=False), BQ=c["BQ"],
+                BK=c["BKS"], SPLIT=c["SPLIT"], USE_G=use_g, FUSE_OUT=fuse, USE_H0=int(h0 is not None),
+                STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
+                max_stages=TUNING.stages_scan, **common)
     if not fuse:
         launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
                BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)

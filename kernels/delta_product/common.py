@@ -228,3 +228,90 @@ def unit_lower_inverse_tiles(base, row0, N, L: tl.constexpr, BT: tl.constexpr, P
     _store_tile(base, x41, 3, 0, row0, N, L, BT)
     _store_tile(base, x42, 3, 1, row0, N, L, BT)
     _store_tile(base, x43, 3, 2, row0, N, L, BT)
+
+
+@triton.jit
+def group_chunks(CG, NC, REVERSE: tl.constexpr, SUMMARY: tl.constexpr):
+    """Chunk groups (``Tuning.scan_groups``): program ``(·, ·, i_g)`` scans the chunks ``[c0, c1)`` of group
+    ``i_g``, or in the summary pass of a reverse scan (whose first group needs none) of group ``i_g + 1``."""
+    i_g = tl.program_id(2)
+    g = i_g
+    if REVERSE and SUMMARY:
+        g = i_g + 1
+    c0 = g * CG
+    return i_g, c0, tl.minimum(c0 + CG, NC)
+
+
+@triton.jit
+def _apply_summary(base, b_h, b_h2, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                   SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """``M h + S`` for a group's summary ``[S | M]`` (``K × (V + K)`` float32, row-major at ``base``) and the state
+    rows ``o_k`` (``b_h``) and, with ``SPLIT``, ``o_k + BK`` (``b_h2``), in float32."""
+    KV: tl.constexpr = K + V
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    n = load_rows(base, o_k, m_k, KV, o_v, m_v) + mm(load_rows(base, o_k, m_k, KV, V + o_k, m_k), b_h, tl.float32, PREC)
+    n2 = b_h2
+    if SPLIT:
+        n += mm(load_rows(base, o_k, m_k, KV, V + o_k2, m_k2), b_h2, tl.float32, PREC)
+        n2 = (load_rows(base, o_k2, m_k2, KV, o_v, m_v)
+              + mm(load_rows(base, o_k2, m_k2, KV, V + o_k, m_k), b_h, tl.float32, PREC)
+              + mm(load_rows(base, o_k2, m_k2, KV, V + o_k2, m_k2), b_h2, tl.float32, PREC))
+    return n, n2
+
+
+@triton.jit
+def group_start(Sum, In, USE_IN, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr,
+                PREC: tl.constexpr):
+    """The state tiles (rows ``o_k`` and, with ``SPLIT``, ``o_k + BK``) a scan program's first chunk reads.
+
+    A scan ``h ↦ A_c h + B_c`` over a group of chunks is ``h ↦ M h + S`` with ``M = Π A_c`` and ``S`` the group's
+    scan from 0. The summary pass runs the scan itself on ``V + K`` columns from ``[0 | I]``: the columns past
+    ``V`` read no injection (their loads are masked by ``o_v < V``), so the group ends at ``[S | M]``. The scan
+    pass starts from ``In`` (the initial state forward, the final state's cotangent reverse; 0 unless ``USE_IN``)
+    carried through the summaries of the groups before its own (after it, reverse), in order."""
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    if SUMMARY:
+        b_h = tl.where((o_k[:, None] == (o_v - V)[None, :]) & m_k[:, None], 1.0, 0.0)
+        b_h2 = tl.where((o_k2[:, None] == (o_v - V)[None, :]) & m_k2[:, None], 1.0, 0.0)
+    else:
+        if USE_IN > 0:
+            b_h += load_rows(In + i_bh * K * V, o_k, m_k, V, o_v, m_v)
+            if SPLIT:
+                b_h2 += load_rows(In + i_bh * K * V, o_k2, m_k2, V, o_v, m_v)
+        n = i_g
+        if REVERSE:
+            n = NG - 1 - i_g
+        j = 0
+        while j < n:
+            s = j
+            if REVERSE:
+                s = NG - 2 - j
+            b_h, b_h2 = _apply_summary(Sum + (s * tl.num_programs(1) + i_bh) * K * (K + V), b_h, b_h2, o_k, m_k,
+                                       o_v, m_v, K, V, BK, SPLIT, PREC)
+            j += 1
+    return b_h, b_h2
+
+
+@triton.jit
+def group_end(Sum, Out, STORE_OUT, b_h, b_h2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
+              BK: tl.constexpr, SPLIT: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr):
+    """The summary pass stores its group's ``[S | M]`` (see :func:`group_start`); the scan pass stores the state it
+    ends at to ``Out`` when ``STORE_OUT``, from the last group (the first, reverse)."""
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    if SUMMARY:
+        base = Sum + (i_g * tl.num_programs(1) + i_bh) * K * (K + V)
+        store_rows(base, b_h, o_k, m_k, K + V, o_v, o_v < K + V)
+        if SPLIT:
+            store_rows(base, b_h2, o_k2, m_k2, K + V, o_v, o_v < K + V)
+    else:
+        if STORE_OUT > 0:
+            last = NG - 1
+            if REVERSE:
+                last = 0
+            if i_g == last:
+                store_rows(Out + i_bh * K * V, b_h, o_k, m_k, V, o_v, m_v)
+                if SPLIT:
+                    store_rows(Out + i_bh * K * V, b_h2, o_k2, m_k2, V, o_v, m_v)

@@ -28,10 +28,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.chunk_fwd import launch_config
+from kernels.delta_product.chunk_fwd import launch_config, launch_scan
 from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, own_tokens, store_db_dg
 from kernels.delta_product.common import (
     causal_mask,
+    group_chunks,
+    group_end,
+    group_start,
     load_operand,
     load_rows,
     load_tile,
@@ -81,15 +84,17 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl
 def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N,
               NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
               BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr,
-              DOT: tl.constexpr, PREC: tl.constexpr):
+              STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``; with a gate ``K̃`` for ``K``
     (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`), ``dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})``
     and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``. Tiles as float32 rows when ``WIDE``, else in the input
     dtype (``Tuning.tangent_tiles``; no gate); with ``FUSE_DV`` (not ``WIDE``) ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO`` is formed
-    here from the chunk's ``Q``, ``K`` and tangent tiles, not read from ``tdUl``."""
+    here from the chunk's ``Q``, ``K`` and tangent tiles, not read from ``tdUl``. Without ``STORE`` (a group's
+    summary) nothing is stored."""
     tl.static_assert(not (FUSE_DV and WIDE), "the fused dU̇_loc takes the input-dtype tiles (no gate)")
     h_ptr = (i_bh * NC + i_c) * K * V
-    store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
+    if STORE:
+        store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
@@ -113,7 +118,8 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, s
     else:
         b_tdu = (load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC)
                  + mm(b_k, b_tdh, DOT, PREC))
-    store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
+    if STORE:
+        store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
     if USE_G:
         b_tdh = exp_tangent(b_dh, b_tdh, g_l, tg_l)
     if not FUSE_DV:
@@ -127,29 +133,31 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, s
     return b_tdh + b_qdo - mm(tl.trans(b_tw), b_du, DOT, PREC) - mm(tl.trans(b_w), b_tdu, DOT, PREC)
 
 
-@triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0"])
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0", "CG", "NG"])
 def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
-                           K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                           BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STORE_DH0, USE_G: tl.constexpr,
-                           WIDE: tl.constexpr, FUSE_DV: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                           INTERPRET: tl.constexpr):
-    """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`)."""
+                           STORE_DH0, Sum, CG, NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
+                           CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr,
+                           DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`). Chunk
+    groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_bwd.scan_dh_kernel`."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
-    b_tdh = tl.zeros([BK, BV], dtype=tl.float32)
+    i_g, c0, c1 = group_chunks(CG, NC, True, SUMMARY)
+    b_tdh, _ = group_start(Sum, tdH0, 0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, True, SUMMARY,
+                           PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
-        it = 0
-        while it < NC:
-            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
-                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE,
-                              FUSE_DV, DOT, PREC)
-            it += 1
+        i_c = c1 - 1
+        while i_c >= c0:
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h,
+                              i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE, FUSE_DV,
+                              not SUMMARY, DOT, PREC)
+            i_c -= 1
     else:
-        for it in range(NC):
-            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, NC - 1 - it,
+        for it in range(c1 - c0):
+            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, c1 - 1 - it,
                               i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE,
-                              FUSE_DV, DOT, PREC)
-    if STORE_DH0 > 0:
-        store_rows(tdH0 + i_bh * K * V, b_tdh, o_k, m_k, V, o_v, m_v)
+                              FUSE_DV, not SUMMARY, DOT, PREC)
+    group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, True, SUMMARY)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
@@ -462,10 +470,10 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
-    launch(scan_dh_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), q, k, G, W, do, dHs, dU, tq, tk, tG, tW,
-           tdUl, tdHs, tdU, tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
-           BV=c["BVS"], STORE_DH0=int(tdh0 is not None), WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"],
-           num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
+    launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, k, G, W, do, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU,
+                tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
+                STORE_DH0=int(tdh0 is not None), WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"],
+                num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = triton.cdiv(K, bkd)
     warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)

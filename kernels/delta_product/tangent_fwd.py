@@ -26,10 +26,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.chunk_fwd import launch_config
+from kernels.delta_product.chunk_fwd import launch_config, launch_scan
 from kernels.delta_product.common import (
     causal_mask,
     chunk_gate_end,
+    group_chunks,
+    group_end,
+    group_start,
     load_operand,
     load_rows,
     masked_exp,
@@ -137,18 +140,20 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
 @triton.jit
 def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H,
              K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             USE_G: tl.constexpr, WIDE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c``; with a gate
-    ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``. Tiles as float32 rows
-    when ``WIDE``, else in the input dtype (``Tuning.tangent_tiles``; no gate)."""
+             USE_G: tl.constexpr, WIDE: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c`` (unless a group's summary: not ``STORE``); with a
+    gate ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``. Tiles as float32
+    rows when ``WIDE``, else in the input dtype (``Tuning.tangent_tiles``; no gate)."""
     h_ptr = (i_bh * NC + i_c) * K * V
-    store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
+    if STORE:
+        store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
             - mm(load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_h, DOT, PREC)
             - mm(load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_th, DOT, PREC))
-    store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
+    if STORE:
+        store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     if USE_G:
@@ -159,27 +164,29 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh
     return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
 
 
-@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT"])
-def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, K: tl.constexpr,
-                          V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, USE_H0,
-                          STORE_HT, DOT: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT", "CG", "NG"])
+def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, USE_H0, STORE_HT, Sum, CG,
+                          NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr,
+                          SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+    """Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel` (the tangent
+    scan has the primal's transition)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
-    b_th = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0 > 0:
-        b_th += load_rows(tH0 + i_bh * K * V, o_k, m_k, V, o_v, m_v)
+    i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
+    b_th, _ = group_start(Sum, tH0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, False, SUMMARY,
+                          PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
-        i_c = 0
-        while i_c < NC:
+        i_c = c0
+        while i_c < c1:
             b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, DOT, PREC)
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, not SUMMARY, DOT, PREC)
             i_c += 1
     else:
-        for i_c in range(NC):
+        for i_c in range(c0, c1):
             b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, DOT, PREC)
-    if STORE_HT > 0:
-        store_rows(tHT + i_bh * K * V, b_th, o_k, m_k, V, o_v, m_v)
+                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, not SUMMARY, DOT, PREC)
+    group_end(Sum, tHT, STORE_HT, b_th, b_th, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, False, SUMMARY)
 
 
 @triton.jit
@@ -281,11 +288,11 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    launch(scan_h_tangent_kernel, (triton.cdiv(V, c["BVS"]), B * H), k, G, W, Hs, U, tk, tG, tW, tU0,
-           th0 if th0 is not None else W, tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], BV=c["BVS"],
-           USE_H0=int(th0 is not None), STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
-           WIDE=TUNING.tangent_rows(q.dtype, gate is not None),
-           num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
+    launch_scan(scan_h_tangent_kernel, c, c["BVS"], k, G, W, Hs, U, tk, tG, tW, tU0, th0 if th0 is not None else W,
+                tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], USE_H0=int(th0 is not None),
+                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+                WIDE=TUNING.tangent_rows(q.dtype, gate is not None),
+                num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)

@@ -96,6 +96,15 @@ class Tuning:
             2.61 ms fwd+bwd at n_h = 2) and lost at (2, 8192, 8, 64) (16 programs: 1.46 against 1.29 at n_h = 2,
             2.16 against 1.88 at n_h = 3; at ``bv_fused=16``, 64 programs, 1.36 and 2.04;
             ``benchmarks/results/kernels_knobs_d64.json``).
+        scan_groups: chunk groups of every chunk scan (first order and tangent): ``G`` programs along the
+            sequence, each scanning ``⌈NC / G⌉`` chunks from the start it forms out of the groups before it. The
+            scan of a group is affine in its start, ``h ↦ M h + S``; a summary pass (``G − 1`` groups, ``V + K``
+            columns) forms ``[S | M]``, then the scan pass folds them in (``common.group_start``): the sequential
+            length drops from ``NC`` to about ``2·NC / G`` chunks for ``K/V`` more columns of work. 0 (default)
+            chooses (:meth:`groups`), 1 is off.
+        group_programs: with ``scan_groups = 0``, the smallest power of two ``G ≤ 8`` that gives the scan at least
+            this many programs (``G·⌈V / bv⌉·B·H``).
+        group_min_chunks: fewest chunks a group scans (``G`` is lowered to fit).
         fuse_dv: ``dU_loc = Pᵀ dO`` formed in ``scan_dh`` (which holds the chunk's ``K`` and ``dO`` tiles and
             loads ``Q``'s first) instead of a separate ``dv_local_kernel`` whose result the scan reads back; the
             scan then also forms ``Q Kᵀ`` once per value tile. Values as ``fuse_out``. On an H100 at n_h = 2, bf16,
@@ -177,6 +186,9 @@ class Tuning:
     tangent_tiles: str = "bf16"
     bv_fused: int = 64
     fuse_min_programs: int = 128
+    scan_groups: int = 0
+    group_programs: int = 128
+    group_min_chunks: int = 16
     bwd_store: str = "input"
     wy_late: str = "f32"
     scan_split: str = "f32"
@@ -215,6 +227,17 @@ class Tuning:
         """Whether ``scan_h`` forms the output (``fuse_out``) for inputs of ``dtype`` when its fused grid has
         ``programs`` programs (at least ``fuse_min_programs``)."""
         return self.on("fuse_out", dtype) and programs >= self.fuse_min_programs
+
+    def groups(self, programs: int, chunks: int) -> int:
+        """Chunk groups of a scan of ``chunks`` chunks whose grid has ``programs`` programs per group:
+        ``scan_groups`` (0: the smallest power of two up to 8 with ``G·programs ≥ group_programs``), at most
+        ``chunks / group_min_chunks`` and at least 1."""
+        g = self.scan_groups
+        if not g:
+            g = 1
+            while g < 8 and g * programs < self.group_programs:
+                g *= 2
+        return max(1, min(g, chunks // max(1, self.group_min_chunks)))
 
     def tangent_rows(self, dtype: torch.dtype, gate: bool) -> bool:
         """Whether the tangent chunk scans read their tiles as float32 rows (``WIDE``): with a gate, whose terms
@@ -260,7 +283,7 @@ class Tuning:
         if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4 or not 0 <= self.stages_dh <= 4:
             raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4 and stages_dh in 0..4, "
                              f"got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`")
-        for name in ("tangent_min_dim", "fuse_min_programs"):
+        for name in ("tangent_min_dim", "fuse_min_programs", "scan_groups", "group_programs", "group_min_chunks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),

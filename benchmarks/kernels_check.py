@@ -12,7 +12,9 @@ NaN-poisoned (``DELTA_PRODUCT_POISON=1``), so an element no kernel writes fails 
    packed in one row, gate and initial states on, against the float64 reference on each sequence
    alone (``D ∈ {64, 128}``, ``n_h ∈ {1, 2, 3}``, bf16 and float32).
 4. A fuzz run over random shapes, ``β`` (end points included, correlated keys), gates, initial
-   states, dtypes and scales: forward and backward always, double backward and jvp on one in 20.
+   states, dtypes and scales: forward and backward always, double backward and jvp on one in 20; in
+   two cases of three the chunk scans run in 2, 3, 5 or up to 16 groups (``Tuning.scan_groups`` with
+   ``group_min_chunks = 1``; the fuzz shapes are too short for the default to group them).
 
 Relative errors ``‖x − ref‖ / ‖ref‖`` per tensor; tolerances: float32 1e-4, bf16 4e-2
 (bf16 rounding of the intermediates, not of the inputs: the reference uses the same rounded
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import NAMES, env_info, leaves, make_inputs, ours, precompile, reference, reference_fn, rel
 
 from kernels.delta_product import chunk_delta_product
+from kernels.delta_product.utils import TUNING
 from lrnn.ops.recurrent import delta_product_recurrent
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
@@ -154,6 +157,7 @@ def fuzz_case(rng):
                h0=rng.random() < 0.5, correlated=rng.random() < 0.5, beta_max=rng.choice([1.0, 2.0]),
                dtype=rng.choice([torch.bfloat16, torch.float32]), scale=rng.choice([1.0, 0.3, 128 ** -0.5]),
                use_final=rng.random() < 0.7, second=rng.random() < 0.05, seed=rng.randint(0, 2 ** 31))
+    cfg["groups"] = rng.choice([0, 0, 2, 3, 5, 16])  # scan_groups with one chunk a group allowed; 0: the default
     return cfg
 
 
@@ -163,6 +167,7 @@ def _fuzz_slice(args):
     cases = [fuzz_case(rng) for _ in range(n)][lo:hi]
     out, fails = [], []
     for i, c in enumerate(cases, lo):
+        TUNING.load(f"scan_groups={c['groups']},group_min_chunks=1" if c["groups"] else "")
         x = make_inputs(c["B"], c["T"], c["H"], c["K"], c["V"], c["n_h"], dtype=c["dtype"], gate=c["gate"],
                         h0=c["h0"], correlated=c["correlated"], beta_max=c["beta_max"], seed=c["seed"])
         try:

@@ -225,9 +225,10 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("fuse_min_programs=0").fuses_out(bf16, 1)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
-    # chunk groups: enough to reach group_programs (at most 8), no fewer than group_min_chunks chunks each
-    assert Tuning().groups(32, 400) == 4 and Tuning().groups(16, 400) == 8 and Tuning().groups(128, 400) == 1
-    assert Tuning().groups(1, 400) == 8 and Tuning().groups(32, 40) == 2 and Tuning().groups(32, 10) == 1
+    # chunk groups: 8 below group_programs programs, no fewer than group_min_chunks chunks each, never 2 by choice
+    assert Tuning().groups(32, 400) == 8 == Tuning().groups(127, 400) and Tuning().groups(128, 400) == 1
+    assert Tuning().groups(1, 100) == 6 and Tuning().groups(32, 48) == 3 and Tuning().groups(32, 47) == 1
+    assert Tuning().groups(32, 10) == 1 and Tuning().update("scan_groups=2").groups(32, 47) == 2
     assert Tuning().update("scan_groups=3").groups(10 ** 4, 400) == 3
     assert Tuning().update("scan_groups=1").groups(1, 400) == 1
     assert Tuning().update("group_min_chunks=0,scan_groups=6").groups(1, 4) == 4

@@ -102,8 +102,10 @@ class Tuning:
             columns) forms ``[S | M]``, then the scan pass folds them in (``common.group_start``): the sequential
             length drops from ``NC`` to about ``2·NC / G`` chunks for ``K/V`` more columns of work. 0 (default)
             chooses (:meth:`groups`), 1 is off.
-        group_programs: with ``scan_groups = 0``, the smallest power of two ``G ≤ 8`` that gives the scan at least
-            this many programs (``G·⌈V / bv⌉·B·H``).
+        group_programs: with ``scan_groups = 0``, scans of fewer programs (``⌈V / bv⌉·B·H``) than this run in 8
+            groups. On an H100 at (2, 8192, 8, 64), bf16 (32 programs at ``bv_scan = 32``), fwd+bwd kernels took
+            1.94, 1.99, 1.53 and 1.39 ms at n_h = 3 in 1, 2, 4 and 8 groups, 1.31 / 1.35 / 1.06 / 0.98 at n_h = 2
+            (``benchmarks/results/kernels_groups.json``).
         group_min_chunks: fewest chunks a group scans (``G`` is lowered to fit).
         fuse_dv: ``dU_loc = Pᵀ dO`` formed in ``scan_dh`` (which holds the chunk's ``K`` and ``dO`` tiles and
             loads ``Q``'s first) instead of a separate ``dv_local_kernel`` whose result the scan reads back; the
@@ -230,14 +232,12 @@ class Tuning:
 
     def groups(self, programs: int, chunks: int) -> int:
         """Chunk groups of a scan of ``chunks`` chunks whose grid has ``programs`` programs per group:
-        ``scan_groups`` (0: the smallest power of two up to 8 with ``G·programs ≥ group_programs``), at most
-        ``chunks / group_min_chunks`` and at least 1."""
-        g = self.scan_groups
-        if not g:
-            g = 1
-            while g < 8 and g * programs < self.group_programs:
-                g *= 2
-        return max(1, min(g, chunks // max(1, self.group_min_chunks)))
+        ``scan_groups``, at most ``chunks / group_min_chunks`` and at least 1. With ``scan_groups = 0``: 8 below
+        ``group_programs`` programs, else 1, and 1 where the chunk count allows only 2 (two groups run as
+        many chunks in sequence as one: each pass scans half)."""
+        g = min(self.scan_groups or (8 if programs < self.group_programs else 1),
+                chunks // max(1, self.group_min_chunks))
+        return max(1, g if self.scan_groups or g > 2 else 1)
 
     def tangent_rows(self, dtype: torch.dtype, gate: bool) -> bool:
         """Whether the tangent chunk scans read their tiles as float32 rows (``WIDE``): with a gate, whose terms
@@ -466,7 +466,9 @@ def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, 
     """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (:func:`deepest_stages` down to 1)
     that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
     deepest = deepest_stages(max_stages)
-    key = (id(kernel), deepest) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+    # tensors enter the key by dtype: str() of a CUDA tensor copies it to the host
+    key = (id(kernel), deepest) + tuple(sorted((k, str(v.dtype if isinstance(v, torch.Tensor) else v))
+                                               for k, v in kwargs.items()))
     stages = _STAGES.get(key, deepest)
     while True:
         try:

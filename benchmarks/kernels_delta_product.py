@@ -6,7 +6,11 @@ product (double backward) for bf16 and float32, gate on and off, over (B, T, H, 
 ``chunk_gated_delta_product`` (bf16 only) beside them. Writes
 ``benchmarks/results/kernels_delta_product.json`` (or ``--out``) and prints a table last.
 
-    python benchmarks/kernels_delta_product.py [--quick] [--profile] [--dtypes ...] [--gates ...] [--out DIR]
+With ``--graphs`` every call is also timed replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``):
+the device's time without the host's launch overhead, which at (2, 8192, 8, 64) rivals the kernels.
+
+    python benchmarks/kernels_delta_product.py [--quick] [--profile] [--graphs] [--dtypes ...] [--gates ...]
+        [--shapes I ...] [--no-fla] [--no-hvp] [--out DIR]
 """
 from __future__ import annotations
 
@@ -58,36 +62,39 @@ def model(B, T, H, D, n_h, dtype):
                 hvp_bytes=5 * x_bytes)
 
 
-def time_ours(x, do, hvp=True):
+def bench_graph(fn, rep=60):
+    """Median time of ``fn`` replayed from a CUDA graph: the device's time, without the host's launch overhead
+    (which at (2, 8192, 8, 64) is as long as the kernels, for fla and for us)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
+def timed(out: dict, name: str, fn, graphs: bool, rep: int = 60) -> None:
+    """``out[name_ms]`` by :func:`bench` and, with ``graphs``, ``out[graph_name_ms]`` by :func:`bench_graph`;
+    a failure is recorded as NaN and its message under ``errors``."""
+    for key, timer in ((f"{name}_ms", bench), (f"graph_{name}_ms", bench_graph))[:2 if graphs else 1]:
+        try:
+            out[key] = timer(fn, rep=rep)
+        except Exception as e:  # noqa: BLE001 - recorded as a result
+            out[key] = float("nan")
+            out.setdefault("errors", []).append(f"{key}: {e!r}"[:200])
+        torch.cuda.empty_cache()
+
+
+def time_ours(x, do, hvp=True, graphs=False):
     xs = [t for t in x.values() if t is not None]
     out = {}
-    out["fwd_ms"] = bench(lambda: ours(x))
-
-    def fb():
-        o, _ = ours(x)
-        torch.autograd.grad(o, xs, do)
-
-    out["fwdbwd_ms"] = bench(fb)
+    timed(out, "fwd", lambda: ours(x), graphs)
+    timed(out, "fwdbwd", lambda: torch.autograd.grad(ours(x)[0], xs, do), graphs)
     if hvp:
-        try:
-            out["hvp_ms"] = bench(hvp_fn(x, do), rep=20)
-        except torch.OutOfMemoryError as e:
-            out["hvp_ms"] = float("nan")
-            out["hvp_error"] = repr(e)[:200]
-        torch.cuda.empty_cache()
+        timed(out, "hvp", hvp_fn(x, do), graphs, rep=20)
     return out
 
 
-def time_fla(x, do, n_h):
+def time_fla(x, do, n_h, graphs=False):
     f = fla_fn(x, n_h)
-
     out = {}
-    for name, fn in (("fwd_ms", f), ("fwdbwd_ms", lambda: torch.autograd.grad(f(), f.inputs, do))):
-        try:
-            out[name] = bench(fn)
-        except Exception as e:  # noqa: BLE001 - recorded as a result
-            out[name] = float("nan")
-            out.setdefault("errors", []).append(f"{name}: {e!r}"[:200])
+    timed(out, "fwd", f, graphs)
+    timed(out, "fwdbwd", lambda: torch.autograd.grad(f(), f.inputs, do), graphs)
     return out
 
 
@@ -106,6 +113,7 @@ def main():
     ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"])
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-hvp", action="store_true")
+    ap.add_argument("--graphs", action="store_true", help="also time every call replayed from a CUDA graph")
     ap.add_argument("--no-precompile", action="store_true", help="kernels already in Triton's cache")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
@@ -132,7 +140,7 @@ def main():
         do = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
         row = dict(B=B, T=T, H=H, D=D, n_h=n_h, gate=gate, dtype=str(dtype)[6:], **model(B, T, H, D, n_h, dtype))
         try:
-            row.update(time_ours(x, do, hvp=not args.no_hvp))
+            row.update(time_ours(x, do, hvp=not args.no_hvp, graphs=args.graphs))
         except Exception as e:  # noqa: BLE001 - recorded as a result
             row.update(fwd_ms=float("nan"), fwdbwd_ms=float("nan"), error=repr(e)[:300])
         peak = cl["mm_bfloat16_flops"] if dtype == torch.bfloat16 else cl["mm_float32_flops"]
@@ -142,7 +150,7 @@ def main():
                 row[f"{m}_floor_ms"] = floor
                 row[f"{m}_frac_floor"] = floor / row[f"{m}_ms"]
         if dtype == torch.bfloat16 and not args.no_fla:
-            row["fla"] = time_fla(x, do, n_h)
+            row["fla"] = time_fla(x, do, n_h, graphs=args.graphs)
         if args.profile:
             row["profile_ms"] = profile(x, do)
         res["rows"].append(row)
@@ -162,6 +170,16 @@ def main():
               f"{r['fwd_ms']:5.2f} {r['fwdbwd_ms']:7.2f} {r.get('hvp_ms', float('nan')):6.2f} | "
               f"{fla.get('fwd_ms', float('nan')):6.2f} {fla.get('fwdbwd_ms', float('nan')):7.2f} | {sp:6.2f}x | "
               f"{r.get('fwdbwd_frac_floor', float('nan')):.2f}")
+    if args.graphs:
+        print(f"\nCUDA graphs (device time){'':>4} | fwd   fwd+bwd  hvp  (ms) | fla fwd fwd+bwd | speedup")
+        for r in res["rows"]:
+            fla = r.get("fla", {})
+            nan = float("nan")
+            print(f"{(r['B'], r['T'], r['H'], r['D'])!s:>16} {r['n_h']:>2} {str(r['gate'])[0]:>4} {r['dtype']:>8} | "
+                  f"{r.get('graph_fwd_ms', nan):5.2f} {r.get('graph_fwdbwd_ms', nan):7.2f} "
+                  f"{r.get('graph_hvp_ms', nan):6.2f} | {fla.get('graph_fwd_ms', nan):6.2f} "
+                  f"{fla.get('graph_fwdbwd_ms', nan):7.2f} | "
+                  f"{fla.get('graph_fwdbwd_ms', nan) / r.get('graph_fwdbwd_ms', nan):6.2f}x")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ on the same inputs and cotangents; it passes as ill-conditioned (recorded under 
 when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json``
 and prints a summary last.
 
-    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--gates off on] [--out DIR]
+    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--shapes I ...] [--gates off on]
+        [--out DIR]
 """
 from __future__ import annotations
 
@@ -209,12 +210,13 @@ def main():
     ap.add_argument("--fuzz", type=int, default=1000, help="cases per fuzz seed")
     ap.add_argument("--fuzz-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-shapes", action="store_true", help="skip the benchmark shapes")
+    ap.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default all)")
     ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"],
                     help="gate settings of the benchmark-shape rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    shapes = [(2, 300, 4, 128), (1, 257, 2, 64)] if args.smoke else SHAPES
+    shapes = [(2, 300, 4, 128), (1, 257, 2, 64)] if args.smoke else [SHAPES[i] for i in args.shapes or range(3)]
     t0 = time.time()
     cfgs = [(2, H, D, D, n_h, gate, h0, dt, True) for (_, _, H, D) in shapes + [(1, 1, 2, 128), (1, 1, 2, 64)]
             for n_h in (1, 2, 3) for gate in (False, True) for h0 in (False, True)

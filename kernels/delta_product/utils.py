@@ -103,9 +103,9 @@ class Tuning:
             length drops from ``NC`` to about ``2·NC / G`` chunks for ``K/V`` more columns of work. 0 (default)
             chooses (:meth:`groups`), 1 is off.
         group_programs: with ``scan_groups = 0``, scans of fewer programs (``⌈V / bv⌉·B·H``) than this run in 8
-            groups. On an H100 at (2, 8192, 8, 64), bf16 (32 programs at ``bv_scan = 32``), fwd+bwd kernels took
-            1.94, 1.99, 1.53 and 1.39 ms at n_h = 3 in 1, 2, 4 and 8 groups, 1.31 / 1.35 / 1.06 / 0.98 at n_h = 2
-            (``benchmarks/results/kernels_groups.json``).
+            groups. On an H100 at (2, 8192, 8, 64), bf16 (32 programs at ``bv_scan = 32``), the fwd+bwd kernels took
+            1.92, 1.47, 1.30 and 1.29 ms at n_h = 3 in 1, 4, 8 and 16 groups (two groups: 1.99 against 1.94 for
+            one) and 1.28 / 0.98 / 0.89 / 0.89 at n_h = 2 (``benchmarks/results/kernels_groups.json``).
         group_min_chunks: fewest chunks a group scans (``G`` is lowered to fit).
         fuse_dv: ``dU_loc = Pᵀ dO`` formed in ``scan_dh`` (which holds the chunk's ``K`` and ``dO`` tiles and
             loads ``Q``'s first) instead of a separate ``dv_local_kernel`` whose result the scan reads back; the

@@ -3,8 +3,8 @@
 1. :func:`prep_kernel` (parallel over chunks): ``A = tril(diag(β)(K Kᵀ ⊙ E), −1)``,
    ``T = (I + A)⁻¹`` by blocked forward substitution (``TUNING.inverse``), ``W = T diag(β e^G) K``,
    ``U₀ = T diag(β) V``.
-2. :func:`scan_h_kernel` (sequential over chunks): ``S_c`` stored, ``U_c = U₀ − W S_c``,
-   ``S_{c+1} = e^{G_L} S_c + (diag(e^{G_L−G}) K)ᵀ U_c``.
+2. :func:`scan_h_kernel` (sequential over chunks, in chunk groups on small grids: ``Tuning.scan_groups``):
+   ``S_c`` stored, ``U_c = U₀ − W S_c``, ``S_{c+1} = e^{G_L} S_c + (diag(e^{G_L−G}) K)ᵀ U_c``.
 3. :func:`out_kernel` (parallel): ``O = scale·(diag(e^{Gq}) Q S_c + (Q Kᵀ ⊙ M) U_c)`` at the real
    tokens only (``M_ti = e^{Gq_t − G_i}[i ≤ last(t)]``, ``Q`` rows are tokens, not micro-steps); with
    ``Tuning.fuse_out`` the scan forms it instead, while it holds ``S_c``, ``U_c`` and ``K`` (when its grid has
@@ -147,7 +147,8 @@ def out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: t
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT", "CG", "NG"])
 def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, USE_H0, STORE_HT, Sum, CG, NG,
-                  K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                  BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
                   FUSE_OUT: tl.constexpr, SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                   PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``);

@@ -249,7 +249,8 @@ def _apply_summary(base, b_h, b_h2, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
     rows ``o_k`` (``b_h``) and, with ``SPLIT``, ``o_k + BK`` (``b_h2``), in float32."""
     KV: tl.constexpr = K + V
     o_k2, m_k2 = o_k + BK, o_k + BK < K
-    n = load_rows(base, o_k, m_k, KV, o_v, m_v) + mm(load_rows(base, o_k, m_k, KV, V + o_k, m_k), b_h, tl.float32, PREC)
+    n = (load_rows(base, o_k, m_k, KV, o_v, m_v)
+         + mm(load_rows(base, o_k, m_k, KV, V + o_k, m_k), b_h, tl.float32, PREC))
     n2 = b_h2
     if SPLIT:
         n += mm(load_rows(base, o_k, m_k, KV, V + o_k2, m_k2), b_h2, tl.float32, PREC)

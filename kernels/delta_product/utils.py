@@ -90,7 +90,7 @@ class Tuning:
             0.34 + 0.23 for ``scan_h`` and ``out``; float32's spills 2.6 KB a thread (gated: 9.5 against
             1.05 + 1.38 ms) (``benchmarks/results/kernels_fused_out.json``).
         fuse_min_programs: ``fuse_out`` only when the fused ``scan_h`` has at least this many programs
-            (``⌈V / bv_fused⌉·B·H``, :meth:`fuses_out`); smaller grids run ``scan_h`` at ``bv_scan`` columns and
+            (``⌈V / bv_fused⌉·B·H`` times the chunk groups, :meth:`fuses_out`); smaller grids run ``scan_h`` at ``bv_scan`` columns and
             ``out_kernel``. Fusing lengthens each program's sequential chunk loop, which only pays while the grid
             fills the GPU: on an H100, bf16, the fused scan won at (4, 4096, 16, 128) (128 programs: 2.40 against
             2.61 ms fwd+bwd at n_h = 2) and lost at (2, 8192, 8, 64) (16 programs: 1.46 against 1.29 at n_h = 2,

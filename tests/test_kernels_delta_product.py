@@ -145,6 +145,7 @@ def test_fuse_out_only_on_a_full_grid(tuned, monkeypatch, min_programs, fused):
         ("scan_groups=2,fuse_dv=on", torch.float32, 300, 1, 32, 32, False),
         ("scan_groups=16", torch.bfloat16, 200, 3, 40, 72, True),  # ten groups of one chunk, five value tiles
         ("scan_groups=3,fuse_min_programs=0", torch.bfloat16, 130, 2, 32, 48, False),  # the output in the scan
+        ("scan_groups=2", torch.bfloat16, 150, 2, 80, 40, True),  # one 128-row state tile (bf16 keeps it whole)
     ],
 )
 def test_chunk_groups_match_recurrence(tuned, monkeypatch, spec, dtype, T, n_h, K, V, gate):

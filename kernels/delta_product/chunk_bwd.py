@@ -133,15 +133,15 @@ def _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K: tl.constexpr, n_i
 def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, USE_DHT, STORE_DH0, Sum, CG, NG,
                    K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                    BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-                   FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                   PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                   FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
+                   PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``).
     ``FUSE_DV`` (``Tuning.fuse_dv``): ``dU_loc`` formed here, in place of :func:`dv_local_kernel`. Chunk groups
     and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel`, in reverse."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, True, SUMMARY)
     b_dh, b_dh2 = group_start(Sum, dHT, USE_DHT, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, True,
-                              SUMMARY, PREC_C)
+                              SUMMARY, GROUPED, PREC_C)
     if INTERPRET:
         i_c = c1 - 1
         while i_c >= c0:

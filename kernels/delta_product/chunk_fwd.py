@@ -149,8 +149,8 @@ def out_terms(b_o, b_s, G, i_b, i_h, T, H, o_t, t_t, m_t, o_i, m_i, tok_i, NH: t
 def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, USE_H0, STORE_HT, Sum, CG, NG,
                   K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-                  FUSE_OUT: tl.constexpr, SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                  PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                  FUSE_OUT: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
+                  PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``);
     ``FUSE_OUT`` (``Tuning.fuse_out``): the output too, in place of :func:`out_kernel`. Chunk groups
     (``Tuning.scan_groups``): program ``(·, ·, i_g)`` scans group ``i_g`` from the start that
@@ -158,7 +158,7 @@ def scan_h_kernel(k, q, G, W, U0, H0, Hs, U, O, HT, scale, T, N, NC, H, USE_H0, 
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
     b_h, b_h2 = group_start(Sum, H0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, False, SUMMARY,
-                            PREC_C)
+                            GROUPED, PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = c0
         while i_c < c1:
@@ -218,17 +218,17 @@ def launch_scan(kernel, c: dict, bv: int, *args, summary: dict | None = None, **
     than one group, first its summary pass (``SUMMARY``, on ``V + K`` columns, one program column per group but
     the last, or the first for a reverse scan; ``summary``: constexprs that differ there) into a float32 buffer,
     then the scan pass, whose programs start from it (:func:`~kernels.delta_product.common.group_start`).
-    The kernel takes ``Sum, CG, NG`` (the summaries, chunks per group, groups) and ``BV``, ``SUMMARY``, ``PREC_C``
-    (the summaries' matmul precision) from here."""
+    The kernel takes ``Sum, CG, NG`` (the summaries, chunks per group, groups) and ``BV``, ``SUMMARY``, ``GROUPED``
+    (more than one group), ``PREC_C`` (the summaries' matmul precision) from here."""
     BH, K, V, ng, cg = c["B"] * c["H"], c["K"], c["V"], c["NG"], c["CG"]
     prec_c = dot_config(torch.float32)[1]
     sums = args[0]  # not read with one group
     if ng > 1:
         sums = alloc(ng - 1, BH, K, K + V, device=args[0].device, dtype=torch.float32)
         launch(kernel, (triton.cdiv(K + V, bv), BH, ng - 1), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=True,
-               PREC_C=prec_c, **{**kwargs, **(summary or {})})
-    launch(kernel, (triton.cdiv(V, bv), BH, ng), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=False, PREC_C=prec_c,
-           **kwargs)
+               GROUPED=True, PREC_C=prec_c, **{**kwargs, **(summary or {})})
+    launch(kernel, (triton.cdiv(V, bv), BH, ng), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=False, GROUPED=ng > 1,
+           PREC_C=prec_c, **kwargs)
 
 
 def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h0: Tensor | None,

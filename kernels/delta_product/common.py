@@ -263,14 +263,16 @@ def _apply_summary(base, b_h, b_h2, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.c
 @triton.jit
 def group_start(Sum, In, USE_IN, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, REVERSE: tl.constexpr, SUMMARY: tl.constexpr,
-                PREC: tl.constexpr):
+                GROUPED: tl.constexpr, PREC: tl.constexpr):
     """The state tiles (rows ``o_k`` and, with ``SPLIT``, ``o_k + BK``) a scan program's first chunk reads.
 
     A scan ``h ↦ A_c h + B_c`` over a group of chunks is ``h ↦ M h + S`` with ``M = Π A_c`` and ``S`` the group's
     scan from 0. The summary pass runs the scan itself on ``V + K`` columns from ``[0 | I]``: the columns past
     ``V`` read no injection (their loads are masked by ``o_v < V``), so the group ends at ``[S | M]``. The scan
     pass starts from ``In`` (the initial state forward, the final state's cotangent reverse; 0 unless ``USE_IN``)
-    carried through the summaries of the groups before its own (after it, reverse), in order."""
+    carried through the summaries of the groups before its own (after it, reverse), in order. Only a ``GROUPED``
+    launch (more than one group) compiles that loop: its ``K × K`` float32 tiles made the ungrouped scans spill
+    (at ``K = 128`` bf16 ``scan_h`` 16 → 664 bytes a thread, ``scan_dh`` 0 → 448)."""
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
     o_k2, m_k2 = o_k + BK, o_k + BK < K
@@ -282,17 +284,18 @@ def group_start(Sum, In, USE_IN, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K: tl.conste
             b_h += load_rows(In + i_bh * K * V, o_k, m_k, V, o_v, m_v)
             if SPLIT:
                 b_h2 += load_rows(In + i_bh * K * V, o_k2, m_k2, V, o_v, m_v)
-        n = i_g
-        if REVERSE:
-            n = NG - 1 - i_g
-        j = 0
-        while j < n:
-            s = j
+        if GROUPED:
+            n = i_g
             if REVERSE:
-                s = NG - 2 - j
-            b_h, b_h2 = _apply_summary(Sum + (s * tl.num_programs(1) + i_bh) * K * (K + V), b_h, b_h2, o_k, m_k,
-                                       o_v, m_v, K, V, BK, SPLIT, PREC)
-            j += 1
+                n = NG - 1 - i_g
+            j = 0
+            while j < n:
+                s = j
+                if REVERSE:
+                    s = NG - 2 - j
+                b_h, b_h2 = _apply_summary(Sum + (s * tl.num_programs(1) + i_bh) * K * (K + V), b_h, b_h2, o_k,
+                                           m_k, o_v, m_v, K, V, BK, SPLIT, PREC)
+                j += 1
     return b_h, b_h2
 
 

@@ -138,13 +138,14 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
                            STORE_DH0, Sum, CG, NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
                            CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr,
-                           DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                           GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr,
+                           INTERPRET: tl.constexpr):
     """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`). Chunk
     groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_bwd.scan_dh_kernel`."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, True, SUMMARY)
     b_tdh, _ = group_start(Sum, tdH0, 0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, True, SUMMARY,
-                           PREC_C)
+                           GROUPED, PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = c1 - 1
         while i_c >= c0:

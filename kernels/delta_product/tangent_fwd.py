@@ -168,14 +168,14 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh
 def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, USE_H0, STORE_HT, Sum, CG,
                           NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr,
-                          SUMMARY: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                          PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel` (the tangent
     scan has the primal's transition)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
     b_th, _ = group_start(Sum, tH0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, False, SUMMARY,
-                          PREC_C)
+                          GROUPED, PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = c0
         while i_c < c1:

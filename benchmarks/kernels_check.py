@@ -12,14 +12,15 @@ NaN-poisoned (``DELTA_PRODUCT_POISON=1``), so an element no kernel writes fails 
    packed in one row, gate and initial states on, against the float64 reference on each sequence
    alone (``D ∈ {64, 128}``, ``n_h ∈ {1, 2, 3}``, bf16 and float32).
 4. A fuzz run over random shapes, ``β`` (end points included, correlated keys), gates, initial
-   states, dtypes and scales: forward and backward always, double backward and jvp on one in 20; in
+   states, dtypes and scales: forward and backward always, double backward and jvp on one in 20 (cotangents
+   and directions drawn from the case's seed); in
    two cases of three the chunk scans run in 2, 3, 5 or up to 16 groups (``Tuning.scan_groups`` with
    ``group_min_chunks = 1``; the fuzz shapes are too short for the default to group them).
 
 Relative errors ``‖x − ref‖ / ‖ref‖`` per tensor; tolerances: float32 1e-4, bf16 4e-2
 (bf16 rounding of the intermediates, not of the inputs: the reference uses the same rounded
 inputs). A bf16 fuzz case above 4e-2 is run again beside the token-by-token recurrence in bf16
-on the same inputs and cotangents; it passes as ill-conditioned (recorded under ``conditioned``)
+on the same inputs, cotangents and directions (its double backward and jvp too); it passes as ill-conditioned (recorded under ``conditioned``)
 when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json``
 and prints a summary last.
 
@@ -82,13 +83,10 @@ def first_order(x, scale, use_final=True, naive=False, seed=0):
     return err, errors(*naive_out, xs, o64, s64, g64, do, ds)
 
 
-def second_order(x, scale):
-    """Errors of a Hessian-vector product (double backward) and of ``torch.func.jvp``."""
-    xs, x64 = leaves(x)
-    f64 = reference_fn(scale, x["k"].shape[2])
-    vs = {n: torch.randn_like(t) for n, t in x64.items()}
-    o, _ = ours(xs, scale)
-    do = torch.randn(o.shape, device=o.device, dtype=torch.float64)
+def _second_order_errors(f, xs, f64, x64, do, vs):
+    """Relative errors of the Hessian-vector product ``∇²⟨do, f(x)[0]⟩ v`` (double backward) and of
+    ``torch.func.jvp`` of ``f(x)[0]`` in the directions ``vs``, against ``f64`` at ``x64``."""
+    o, _ = f(xs)
     gr = torch.autograd.grad((o.double() * do).sum(), list(xs.values()), create_graph=True)
     hv = torch.autograd.grad(sum((a.double() * vs[n]).sum() for n, a in zip(xs, gr)), list(xs.values()))
     o64, _ = f64(x64)
@@ -97,11 +95,29 @@ def second_order(x, scale):
     err = {f"hvp_{n}": rel(a, b) for n, a, b in zip(xs, hv, hv64)}
     prim = {n: t.detach() for n, t in xs.items()}
     tang = tuple(vs[n].to(t.dtype) for n, t in prim.items())
-    _, jo = torch.func.jvp(lambda *a: ours(dict(zip(prim, a)), scale)[0], tuple(prim.values()), tang)
+    _, jo = torch.func.jvp(lambda *a: f(dict(zip(prim, a)))[0], tuple(prim.values()), tang)
     _, jo64 = torch.func.jvp(lambda *a: f64(dict(zip(prim, a)))[0], tuple(t.double() for t in prim.values()),
                              tuple(t.double() for t in tang))
     err["jvp_o"] = rel(jo, jo64)
     return err
+
+
+def second_order(x, scale, naive=False, seed=0):
+    """Errors of a Hessian-vector product (double backward) and of ``torch.func.jvp`` against float64, the
+    cotangent and directions drawn from ``seed``. With ``naive``, also those of the token-by-token recurrence
+    run in the input dtype on the same inputs, cotangent and directions (as :func:`first_order`)."""
+    xs, x64 = leaves(x)
+    f64 = reference_fn(scale, x["k"].shape[2])
+    gen = torch.Generator(device=x["q"].device).manual_seed(seed)
+    vs = {n: torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) for n, t in x64.items()}
+    do = torch.randn(x["q"].shape[:-1] + x["v"].shape[-1:], generator=gen, device=x["q"].device,
+                     dtype=torch.float64)
+    err = _second_order_errors(lambda a: ours(a, scale), xs, f64, x64, do, vs)
+    if not naive:
+        return err
+    plain = _second_order_errors(lambda a: delta_product_recurrent(*(a.get(n) for n in NAMES), True, scale),
+                                 xs, f64, x64, do, vs)
+    return err, plain
 
 
 VARLEN_LENGTHS = [1000, 0, 37, 2048, 1, 700]  # an empty sequence, one token, several chunks
@@ -174,10 +190,14 @@ def _fuzz_slice(args):
         try:
             err = first_order(x, c["scale"], c["use_final"], seed=c["seed"])
             if c["second"]:
-                err.update(second_order(x, c["scale"]))
+                err.update(second_order(x, c["scale"], seed=c["seed"]))
             r = judge(err, c["dtype"])
-            if not r["ok"] and c["dtype"] == torch.bfloat16 and not c["second"]:  # same cotangents again
+            if not r["ok"] and c["dtype"] == torch.bfloat16:  # same cotangents and directions, beside bf16's recurrence
                 err, naive = first_order(x, c["scale"], c["use_final"], naive=True, seed=c["seed"])
+                if c["second"]:
+                    err2, naive2 = second_order(x, c["scale"], naive=True, seed=c["seed"])
+                    err.update(err2)
+                    naive.update(naive2)
                 r = dict(judge(err, c["dtype"], naive), naive={k: naive[k] for k in r["bad"]})
         except Exception as e:  # noqa: BLE001 - recorded as a result
             r = dict(ok=False, max=float("nan"), bad={"exception": repr(e)[:300]})

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import run_and_save
 
 from kernels.delta_product import chunk_bwd, chunk_fwd, tangent_bwd, tangent_fwd
-from kernels.delta_product.utils import deepest_stages
+from kernels.delta_product.launch import deepest_stages
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes per block on an H100 (sharedMemPerBlockOptin)
@@ -83,7 +83,7 @@ def cubin_usage(cubin: bytes, name: str) -> dict:
 
 
 class Compiler:
-    """A stand-in for :func:`kernels.delta_product.utils.launch` that compiles and records, never runs."""
+    """A stand-in for :func:`kernels.delta_product.launch.launch` that compiles and records, never runs."""
 
     def __init__(self):
         self.rows: list[dict] = []

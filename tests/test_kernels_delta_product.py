@@ -14,7 +14,7 @@ import triton
 
 from kernels.delta_product import chunk_bwd, chunk_delta_product, chunk_fwd
 from kernels.delta_product import utils
-from kernels.delta_product.utils import TUNING, Tuning, launch
+from kernels.delta_product.utils import TUNING, Tuning
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
 
@@ -233,34 +233,6 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("scan_groups=3").groups(10 ** 4, 400) == 3
     assert Tuning().update("scan_groups=1").groups(1, 400) == 1
     assert Tuning().update("group_min_chunks=0,scan_groups=6").groups(1, 4) == 4
-
-
-class _FakeKernel:
-    """Stands in for a Triton kernel: records each launch's ``num_stages`` and runs out of shared memory above
-    ``fits`` stages."""
-
-    def __init__(self, fits: int):
-        self.fits, self.tried = fits, []
-
-    def __getitem__(self, grid):
-        def run(*args, num_stages, **kwargs):
-            self.tried.append(num_stages)
-            if num_stages > self.fits:
-                raise triton.runtime.errors.OutOfResources(num_stages, self.fits, "shared memory")
-        return run
-
-
-@pytest.mark.parametrize("max_stages, fits, tried", [(None, 9, [3]), (2, 9, [2]), (None, 1, [3, 2, 1]),
-                                                     (2, 1, [2, 1]), (5, 9, [3])])
-def test_launch_caps_and_steps_down_the_pipeline(tuned, monkeypatch, max_stages, fits, tried):
-    tuned("stages=3")
-    monkeypatch.setattr(utils, "_STAGES", {})  # keyed by id(kernel): no entry of an earlier fake
-    kernel = _FakeKernel(fits)
-    launch(kernel, (1,), max_stages=max_stages, X=fits)
-    launch(kernel, (1,), max_stages=max_stages, X=fits)  # the depth that worked is remembered
-    assert kernel.tried == tried + tried[-1:]
-    with pytest.raises(triton.runtime.errors.OutOfResources):
-        launch(_FakeKernel(0), (1,), max_stages=max_stages)
 
 
 def test_uncorrelated_keys_beta_up_to_one():

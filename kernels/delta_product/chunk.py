@@ -2,7 +2,8 @@
 backward; the composed differentiable form for everything else.
 
 * :class:`ChunkDeltaProductFunction`: forward = the three fused forward kernels; backward =
-  :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels; ``jvp`` =
+  :class:`ChunkDeltaProductBackward`, whose forward is the four fused backward kernels (called directly
+  when nothing can differentiate the backward: :func:`_first_order_only`); ``jvp`` =
   the tangent kernels of :mod:`~kernels.delta_product.tangent_fwd` at the forward's saved
   intermediates (``TUNING.hvp_mode = "dual"``, the default; with a gate while
   ``TUNING.tangent_gate``, the default), else forward mode through
@@ -26,6 +27,7 @@ import contextlib
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
@@ -109,6 +111,8 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
             return (None,) * 7
         if do is None:
             do = torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+        if _first_order_only():  # the backward's own autograd Function would record nothing
+            return chunk_bwd(q, k, v, beta, G, h0, ctx.scale, saved, do, dht)[0] + (None,)
         grads = ChunkDeltaProductBackward.apply(q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)[:6]
         return tuple(grads) + (None,)
 
@@ -250,6 +254,15 @@ class DualBackward(_NoThirdOrder):
                                                 need_jx and dht is not None, output=need_jx, gate=gate)
         hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate=gate)
         return hvp + (to, tht)
+
+
+def _first_order_only() -> bool:
+    """Nothing can differentiate a backward run now: grad mode is off (no ``create_graph``), no forward-mode
+    level is open and no ``torch.func`` transform is active. The backward then calls its kernels directly,
+    without :class:`ChunkDeltaProductBackward` (whose ``apply`` costs host time that eager calls feel at
+    small sizes)."""
+    return (not torch.is_grad_enabled() and getattr(forward_ad, "_current_level", 0) < 0
+            and not torch._C._are_functorch_transforms_active())
 
 
 def _tangent_ok(q: Tensor, v: Tensor) -> bool:

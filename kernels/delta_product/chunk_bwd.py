@@ -35,7 +35,8 @@ from kernels.delta_product.common import (
     store_rows,
     tokens,
 )
-from kernels.delta_product.utils import TUNING, alloc, launch
+from kernels.delta_product.launch import launch
+from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -403,7 +404,7 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
                 USE_G=use_g, FUSE_DV=fuse, USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None),
                 INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
-    nkb = triton.cdiv(K, bkd)
+    nkb = cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)
     dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     dW = alloc(B, H, N, K, device=dev, dtype=mid)

@@ -34,7 +34,9 @@ from kernels.delta_product.common import (
     unit_lower_inverse,
     unit_lower_inverse_tiles,
 )
-from kernels.delta_product.utils import BLOCK_STEPS, TUNING, alloc, chunk_tokens, dot_config, interpreting, launch
+from kernels.delta_product.launch import launch
+from kernels.delta_product.utils import (BLOCK_STEPS, TUNING, alloc, cdiv, chunk_tokens, dot_config, interpreting,
+                                         next_pow2)
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -202,13 +204,13 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     n_h, V = k.shape[2], v.shape[-1]
     ct = chunk_tokens(n_h)
     dot, prec = dot_config(q.dtype)
-    bk, bv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+    bk, bv = max(16, next_pow2(K)), max(16, next_pow2(V))
     split = TUNING.on("scan_split", q.dtype) and bk > 64
     bvs = min(bv, TUNING.scan_cols(dual))
-    nc = triton.cdiv(T, ct)
-    cg = triton.cdiv(nc, TUNING.groups(triton.cdiv(V, bvs) * B * H, nc))
-    return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=nc, NG=triton.cdiv(nc, cg), CG=cg,
-                BT=BLOCK_STEPS, BQ=max(16, triton.next_power_of_2(ct)), BK=bk, BKS=bk // 2 if split else bk,
+    nc = cdiv(T, ct)
+    cg = cdiv(nc, TUNING.groups(cdiv(V, bvs) * B * H, nc))
+    return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=nc, NG=cdiv(nc, cg), CG=cg,
+                BT=BLOCK_STEPS, BQ=max(16, next_pow2(ct)), BK=bk, BKS=bk // 2 if split else bk,
                 SPLIT=split, BVP=bv, BKB=min(bk, TUNING.tile(q.dtype)), BVB=min(bv, TUNING.tile(q.dtype)), BVS=bvs,
                 DOT=dot, PREC=prec, INTERPRET=interpreting())
 
@@ -225,9 +227,9 @@ def launch_scan(kernel, c: dict, bv: int, *args, summary: dict | None = None, **
     sums = args[0]  # not read with one group
     if ng > 1:
         sums = alloc(ng - 1, BH, K, K + V, device=args[0].device, dtype=torch.float32)
-        launch(kernel, (triton.cdiv(K + V, bv), BH, ng - 1), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=True,
+        launch(kernel, (cdiv(K + V, bv), BH, ng - 1), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=True,
                GROUPED=True, PREC_C=prec_c, **{**kwargs, **(summary or {})})
-    launch(kernel, (triton.cdiv(V, bv), BH, ng), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=False, GROUPED=ng > 1,
+    launch(kernel, (cdiv(V, bv), BH, ng), *args, Sum=sums, CG=cg, NG=ng, BV=bv, SUMMARY=False, GROUPED=ng > 1,
            PREC_C=prec_c, **kwargs)
 
 
@@ -260,13 +262,13 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     ht = alloc(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = alloc(B, T, H, V, device=dev, dtype=q.dtype)
     bv_fused = min(c["BVP"], TUNING.bv_fused)
-    fuse = TUNING.fuses_out(q.dtype, triton.cdiv(V, bv_fused) * B * H * c["NG"])
+    fuse = TUNING.fuses_out(q.dtype, cdiv(V, bv_fused) * B * H * c["NG"])
     launch_scan(scan_h_kernel, c, bv_fused if fuse else c["BVS"], k, q, gp, W, U0, h0 if h0 is not None else W, Hs,
                 U, o, ht if ht is not None else W, scale, T, N, NC, summary=dict(FUSE_OUT=False), BQ=c["BQ"],
                 BK=c["BKS"], SPLIT=c["SPLIT"], USE_G=use_g, FUSE_OUT=fuse, USE_H0=int(h0 is not None),
                 STORE_HT=int(ht is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
                 max_stages=TUNING.stages_scan, **common)
     if not fuse:
-        launch(out_kernel, (triton.cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
+        launch(out_kernel, (cdiv(V, c["BVB"]), NC, B * H), q, k, gp, Hs, U, o, scale, T, N, NC, BQ=c["BQ"],
                BK=c["BK"], BV=c["BVB"], USE_G=use_g, num_warps=TUNING.warps_out, **common)
     return o, ht, (Ti, W, Hs, U)

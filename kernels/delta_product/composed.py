@@ -21,12 +21,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from kernels.delta_product.scan import chunk_scan
 from kernels.delta_product.tri_inverse import unit_lower_inverse
-from kernels.delta_product.utils import TUNING
+from kernels.delta_product.utils import TUNING, cdiv
 
 
 def _decay(rows: Tensor, cols: Tensor, mask: Tensor, vary: Tensor) -> Tensor:
@@ -58,7 +57,7 @@ def composed_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Ten
     B, T, n_h, H, K = k.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    nc = triton.cdiv(T, ct)
+    nc = cdiv(T, ct)
     pad = nc * ct - T
     L = ct * n_h
 

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.utils import alloc, dot_config, interpreting, launch
+from kernels.delta_product.launch import launch
+from kernels.delta_product.utils import alloc, cdiv, dot_config, interpreting, next_pow2
 
 
 @triton.jit
@@ -207,15 +208,15 @@ def _scan(a: Tensor, X: Tensor, Y: Tensor, Bm: Tensor | None, h0: Tensor, C: Ten
     Bm = _rowmajor(Bm.to(dt)) if Bm is not None else None
     C = _rowmajor(C.to(dt)) if C is not None else None
     Hs = alloc(BH, NC + 1, K, V, device=X.device, dtype=dt)
-    bkt = max(16, min(64, triton.next_power_of_2(K)))
-    bl = max(16, min(64, triton.next_power_of_2(L)))
-    bv = max(16, min(32, triton.next_power_of_2(V)))
+    bkt = max(16, min(64, next_pow2(K)))
+    bl = max(16, min(64, next_pow2(L)))
+    bv = max(16, min(32, next_pow2(V)))
     _, prec = dot_config(dt)
     acc = tl.float64 if dt == torch.float64 else tl.float32
-    launch(chunk_scan_kernel, (triton.cdiv(V, bv), BH), a, X, Y, Bm if Bm is not None else X,
+    launch(chunk_scan_kernel, (cdiv(V, bv), BH), a, X, Y, Bm if Bm is not None else X,
            C if C is not None else X, h0, Hs, NC, *_strides(a), *_strides(X), *_strides(Y), *_strides(Bm),
-           *_strides(C), h0.stride(0), Hs.stride(0), Hs.stride(1), K=K, V=V, L=L, BL=bl, NLB=triton.cdiv(L, bl),
-           BKT=bkt, NKB=triton.cdiv(K, bkt), BV=bv, HAS_B=Bm is not None, HAS_C=C is not None, REVERSE=reverse,
+           *_strides(C), h0.stride(0), Hs.stride(0), Hs.stride(1), K=K, V=V, L=L, BL=bl, NLB=cdiv(L, bl),
+           BKT=bkt, NKB=cdiv(K, bkt), BV=bv, HAS_B=Bm is not None, HAS_C=C is not None, REVERSE=reverse,
            PREC=prec, ACC=acc, INTERPRET=interpreting(), num_warps=4)
     return Hs
 

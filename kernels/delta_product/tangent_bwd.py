@@ -53,7 +53,8 @@ from kernels.delta_product.tangent_fwd import (
     step_chunk,
     tangent_launch,
 )
-from kernels.delta_product.utils import TUNING, alloc, launch
+from kernels.delta_product.launch import launch
+from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -476,7 +477,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
                 STORE_DH0=int(tdh0 is not None), WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"],
                 num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
-    nkb = triton.cdiv(K, bkd)
+    nkb = cdiv(K, bkd)
     warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)
     tdq = alloc(*q.shape, device=dev, dtype=q.dtype)
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
@@ -489,7 +490,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)
     cols = tangent_launch(c, "wy_cols", q.dtype, gate is not None)
-    tiles = triton.cdiv(K, cols[1]) + triton.cdiv(V, cols[2]) if split else 0  # of wy_cols_tangent_kernel
+    tiles = cdiv(K, cols[1]) + cdiv(V, cols[2]) if split else 0  # of wy_cols_tangent_kernel
     tdbeta = alloc(1 + tiles, B, T, c["NH"], H, device=dev, dtype=f32)  # partial sums (one without split)
     tdG2 = alloc(1 + tiles, B, T, H, device=dev, dtype=f32) if gate is not None else None
     DC, tDC = (alloc(B, H, N, BT, device=dev, dtype=f32) for _ in range(2)) if split else (tdbeta, tdbeta)

@@ -42,7 +42,8 @@ from kernels.delta_product.common import (
     store_rows,
     tokens,
 )
-from kernels.delta_product.utils import TUNING, alloc, launch
+from kernels.delta_product.launch import launch
+from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit
@@ -297,6 +298,6 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
     warps, bkb, bvb = tangent_launch(c, "out", q.dtype, gate is not None)
-    launch(out_tangent_kernel, (triton.cdiv(V, bvb), NC, B * H), q, k, G, Hs, U, tq, tk, tG, tHs, tU, to, scale,
+    launch(out_tangent_kernel, (cdiv(V, bvb), NC, B * H), q, k, G, Hs, U, tq, tk, tG, tHs, tU, to, scale,
            T, N, NC, BQ=c["BQ"], BKB=bkb, BV=bvb, num_warps=warps, **common)
     return to, tht, (tTi, tW, tHs, tU)

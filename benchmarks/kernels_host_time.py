@@ -1,0 +1,89 @@
+"""Host time of eager DeltaProduct calls at (2, 8192, 8, 64), bf16, no gate, n_h = 1..3 (GPU).
+
+At this shape a forward+backward runs 0.5–1.3 ms of kernels, so an eager call is as fast as the host can
+issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it prints and records
+
+* ``host_fwd``, ``host_fb``: host time per eager forward / forward+backward, without synchronizing (best of
+  ``--reps`` loops of ``--calls`` calls, ms);
+* ``bench_fwd``, ``bench_fb``: ``triton.testing.do_bench`` medians of the same eager calls;
+* ``graph_fb``: ``do_bench_cudagraph`` of the forward+backward (device time alone).
+
+``--tuning`` applies a ``DELTA_PRODUCT_TUNING`` spec (e.g. ``direct_launch=False``). To compare with an
+earlier version, run this script with that version's ``kernels`` package first on ``PYTHONPATH``.
+Host timings vary between processes on a shared machine; compare rows of one run.
+
+    python benchmarks/kernels_host_time.py [--tag NAME] [--tuning SPEC] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_common import make_inputs, ours, run_and_save
+
+from kernels.delta_product.utils import TUNING
+
+
+def host_ms(fn, calls: int, reps: int) -> float:
+    """Best over ``reps`` loops of the host time per call of ``calls`` calls to ``fn`` (ms)."""
+    best = float("inf")
+    for _ in range(reps):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls * 1e3)
+        torch.cuda.synchronize()
+    return best
+
+
+def measure(n_h: int, calls: int, reps: int) -> dict:
+    x = make_inputs(2, 8192, 8, 64, 64, n_h, dtype=torch.bfloat16, correlated=True, seed=1)
+    xs = [t.requires_grad_(True) for t in x.values() if t is not None]
+    do = torch.randn(2, 8192, 8, 64, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        return ours(x, 0.125)
+
+    def fwdbwd():
+        return torch.autograd.grad(ours(x, 0.125)[0], xs, do)
+
+    for _ in range(3):
+        fwdbwd()
+    bench = dict(warmup=20, rep=100, return_mode="median")
+    return dict(n_h=n_h, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps),
+                bench_fwd=triton.testing.do_bench(fwd, **bench), bench_fb=triton.testing.do_bench(fwdbwd, **bench),
+                graph_fb=triton.testing.do_bench_cudagraph(fwdbwd, rep=60, return_mode="median"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", default="current", help="name of this run in the JSON file name")
+    ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec")
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+
+    def collect():
+        TUNING.update(args.tuning)
+        return [measure(n_h, args.calls, args.reps) for n_h in (1, 2, 3)]
+
+    res = run_and_save(collect, args.out, f"kernels_host_time_{args.tag}.json", shape=[2, 8192, 8, 64],
+                       spec=args.tuning)
+    cols = ("host_fwd", "host_fb", "bench_fwd", "bench_fb", "graph_fb")
+    print("n_h | " + " ".join(f"{c:>9s}" for c in cols) + "  (ms)")
+    for r in res["rows"]:
+        print(f"{r['n_h']:3d} | " + " ".join(f"{r[c]:9.3f}" for c in cols))
+
+
+if __name__ == "__main__":
+    main()

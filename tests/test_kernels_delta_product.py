@@ -116,6 +116,8 @@ def tuned():
         ("fuse_dv=on", torch.float32, 2, 80, 72, True),  # dU_loc in the scan, state halves (second one masked)
         ("fuse_dv=on,bv_scan=16", torch.bfloat16, 3, 40, 72, False),  # five value tiles, 21-token chunks
         ("fuse_dv=bf16,scan_split=on", torch.bfloat16, 1, 96, 32, True),
+        ("gate_dk_f32=on", torch.bfloat16, 2, 40, 36, True),  # U dS_{c+1}ᵀ in float32, dqkw's three loops
+        ("gate_dk_f32=on,dqkw_split=off", torch.bfloat16, 3, 72, 40, True),  # and in its single loop
     ],
 )
 def test_tuning_variants_match_recurrence(tuned, spec, dtype, n_h, K, V, gate):

@@ -36,7 +36,7 @@ from kernels.delta_product.common import (
     tokens,
 )
 from kernels.delta_product.launch import launch
-from kernels.delta_product.utils import TUNING, alloc, cdiv
+from kernels.delta_product.utils import TUNING, alloc, cdiv, dot_config
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -197,9 +197,11 @@ def _dk_tile(b_u, b_dh, b_h, b_dkt, b_hdh, USE_G: tl.constexpr, DOT: tl.constexp
 def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOT_DK: tl.constexpr,
+                PREC_DK: tl.constexpr):
     """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks. ``SPLIT``
-    (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``), not one."""
+    (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``), not one.
+    ``U dS_{c+1}ᵀ`` takes ``DOT_DK`` operands at ``PREC_DK`` (``Tuning.gate_dk_f32``)."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -222,7 +224,7 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
             b_dqa, b_dp = _dq_dp_tile(b_h, b_u, load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
                                       b_dqa, b_dp, DOT, PREC)
             b_dkt, b_hdh = _dk_tile(b_u, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_h, b_dkt, b_hdh, USE_G,
-                                    DOT, PREC)
+                                    DOT_DK, PREC_DK)
     store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
     if SPLIT:  # dW's loop above, then dQ's and dP's sums, then dK's: fewer tiles alive at once
         for i_v in range(tl.cdiv(V, BVB)):
@@ -237,7 +239,8 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
             m_v = o_v < V
             b_dkt, b_hdh = _dk_tile(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
                                     load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, DOT, PREC)
+                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, DOT_DK,
+                                    PREC_DK)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -396,7 +399,10 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     if not fuse:
         launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
                USE_G=use_g, num_warps=TUNING.warps_dv, **common)
-    dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
+    # U dS_{c+1}ᵀ feeds dG's terms that cancel: with gate_dk_f32, dS_{c+1} stored and multiplied in float32
+    precise = use_g and TUNING.gate_dk_f32 and q.dtype.itemsize == 2
+    dot_dk, prec_dk = dot_config(f32) if precise else (c["DOT"], c["PREC"])
+    dHs = alloc(*Hs.shape, device=dev, dtype=f32 if precise else Hs.dtype)
     dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_kernel, c, c["BVS"], q, k, gp, W, do, dUl, dht.contiguous() if dht is not None else dUl, dHs,
@@ -411,7 +417,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
            scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g,
-           SPLIT=TUNING.on("dqkw_split", q.dtype), num_warps=TUNING.warps_dqkw, **common)
+           SPLIT=TUNING.on("dqkw_split", q.dtype), DOT_DK=dot_dk, PREC_DK=prec_dk, num_warps=TUNING.warps_dqkw,
+           **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)

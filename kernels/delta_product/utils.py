@@ -164,6 +164,11 @@ class Tuning:
             as the CPU tests under the interpreter do).
         direct_launch: a launch specialized as an earlier one calls that launch's compiled kernel directly,
             past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
+        gate_dk_f32: with a gate and 16-bit inputs, store ``dS_{c+1}`` (``dHs``) in float32 and form
+            ``U dS_{c+1}ᵀ`` in ``dqkw`` with float32 operands (``prec_f32``). That product feeds the gate cotangent's
+            terms, which cancel at short sequences: with bf16 operands it alone gave ``dG`` 30 % relative error at
+            T = 2 (fuzz seed 0, case 388; CPU emulation of bf16 operands, float32 inputs) where the bf16 recurrence
+            errs by 10 %. Off by default until its cost is measured on a GPU.
     """
 
     inverse: str = "tiles"
@@ -204,6 +209,7 @@ class Tuning:
     tangent_min_dim: int = 64
     tangent_gate: bool = True
     direct_launch: bool = True
+    gate_dk_f32: bool = False
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and

@@ -175,6 +175,10 @@ def test_tuning_spec_is_validated():
     assert loaded.spec() == "warps_wy=8" and loaded.load(loaded.spec()) == loaded
     with pytest.raises(ValueError, match="unknown field `warps`"):
         Tuning().update("warps=8")
+    # booleans: on / off as the string fields spell them, never a silent False for a misspelling
+    assert Tuning().update("gate_dk_f32=on").gate_dk_f32 and not Tuning().update("direct_launch=Off").direct_launch
+    with pytest.raises(ValueError, match="tangent_gate must be one of"):
+        Tuning().update("tangent_gate=maybe")
     with pytest.raises(ValueError, match="inverse"):
         Tuning().update("inverse=dense")
     with pytest.raises(ValueError, match="prec_f32"):

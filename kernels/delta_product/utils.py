@@ -284,7 +284,7 @@ class Tuning:
             if name not in self.__dataclass_fields__:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: unknown field `{name}`")
             kind = type(getattr(self, name))
-            setattr(self, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+            setattr(self, name, _parse_bool(name, value) if kind is bool else kind(value))
         precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
@@ -327,6 +327,16 @@ def _by_dtype(choice: str, dtype: torch.dtype) -> bool:
     """A ``"on"`` / ``"off"`` / ``"f32"`` (on for float32 inputs only) / ``"bf16"`` (on for 16-bit inputs
     only) choice for ``dtype``."""
     return choice == "on" or (choice == "f32" and dtype.itemsize == 4) or (choice == "bf16" and dtype.itemsize == 2)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    """A boolean field's value: 1 / true / yes / on or 0 / false / no / off, any case; anything else is refused."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of 1/true/yes/on or 0/false/no/off, got `{value}`")
 
 
 #: the launch choices in use (see :class:`Tuning`)

@@ -185,8 +185,9 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
     if _dual_ok(q, v, G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tG = None if G is None else _filled((G,), dirs[4:5])[0]
-        *hvp, to, tht = DualBackward.apply(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, *kept,
-                                           *(tsaved or (None,) * 4), *tangents)
+        args = (q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, *kept, *(tsaved or (None,) * 4), *tangents)
+        # DualBackward only refuses third order; nothing can ask for it when nothing differentiates this
+        *hvp, to, tht = _dual_backward(*args) if _first_order_only() else DualBackward.apply(*args)
         return tuple(hvp), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
@@ -245,15 +246,21 @@ class DualBackward(_NoThirdOrder):
     skipped); ``ḣ_T`` is None when ``dht`` is."""
 
     @staticmethod
-    def forward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
-                *tangents):
-        saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
-        gate = None if G is None else (G, tG)
-        if tTi is None:
-            to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
-                                                need_jx and dht is not None, output=need_jx, gate=gate)
-        hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate=gate)
-        return hvp + (to, tht)
+    def forward(*args):
+        return _dual_backward(*args)
+
+
+def _dual_backward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
+                   *tangents):
+    """:class:`DualBackward`'s forward: the tangent kernels, forward (unless the tangents of ``saved`` are
+    given) then backward."""
+    saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
+    gate = None if G is None else (G, tG)
+    if tTi is None:
+        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
+                                            need_jx and dht is not None, output=need_jx, gate=gate)
+    hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate=gate)
+    return hvp + (to, tht)
 
 
 def _first_order_only() -> bool:

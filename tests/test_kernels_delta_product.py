@@ -241,6 +241,21 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("group_min_chunks=0,scan_groups=6").groups(1, 4) == 4
 
 
+@pytest.mark.parametrize("T, ct", [(12, 4), (13, 4), (3, 4), (1, 1)])
+def test_chunk_local_cumsum_restarts_at_every_chunk(T, ct):
+    """``G_t`` sums ``g`` from the first token of ``t``'s chunk (whole chunks, a partial last one, one chunk), in
+    float32 for bf16 input, with its gradient."""
+    g = torch.randn(2, T, 3, dtype=torch.float64).to(torch.bfloat16).requires_grad_(True)
+    G = utils.chunk_local_cumsum(g, ct)
+    ref = torch.stack([g[:, (t // ct) * ct:t + 1].double().sum(1) for t in range(T)], 1)
+    assert G.dtype == torch.float32 and G.shape == g.shape
+    assert torch.allclose(G.double(), ref, rtol=0, atol=1e-6)
+    w = torch.randn(2, T, 3, dtype=torch.float32)
+    dg, = torch.autograd.grad((G * w).sum(), g)  # Σ_{s ≥ t in t's chunk} w_s
+    ref_dg = torch.stack([w[:, t:((t // ct) + 1) * ct].sum(1) for t in range(T)], 1)
+    assert torch.allclose(dg.float(), ref_dg.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_uncorrelated_keys_beta_up_to_one():
     x = make_inputs(B=1, T=40, n_h=2, H=1, K=16, V=16, gate=True, beta_max=1.0, seed=3)
     _check_first_order(x, torch.float32)

@@ -389,8 +389,10 @@ def chunk_local_cumsum(g: Tensor, ct: int) -> Tensor:
     B, T, H = g.shape
     nc = cdiv(T, ct)
     dt = torch.float64 if g.dtype == torch.float64 else torch.float32
-    gp = torch.nn.functional.pad(g.to(dt), (0, 0, 0, nc * ct - T))
-    return gp.view(B, nc, ct, H).cumsum(2).view(B, nc * ct, H)[:, :T]
+    gp, pad = g.to(dt), nc * ct - T
+    if pad:  # a zero pad would still copy
+        gp = torch.nn.functional.pad(gp, (0, 0, 0, pad))
+    return gp.reshape(B, nc, ct, H).cumsum(2).view(B, nc * ct, H)[:, :T]
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:

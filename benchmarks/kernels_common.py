@@ -85,6 +85,21 @@ def rel(a, b):
     return ((a - b).norm() / (nb if nb > 0 else 1.0)).item()
 
 
+def bench(fn, rep=60):
+    """Median ms of ``fn`` called eagerly (``triton.testing.do_bench``, 20 warm-up ms, ``rep`` ms of repetitions)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=20, rep=rep, return_mode="median")
+
+
+def bench_graph(fn, rep=60):
+    """Median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): the device's time,
+    without the host's launch overhead (which at (2, 8192, 8, 64) is as long as the kernels, for fla and for us)."""
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
 def env_info():
     import triton
 

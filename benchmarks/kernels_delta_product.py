@@ -25,15 +25,11 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import env_info, fla_fn, hvp_fn, kernel_profile, make_inputs, ours, precompile
+from kernels_common import bench, bench_graph, env_info, fla_fn, hvp_fn, kernel_profile, make_inputs, ours, precompile
 
 from kernels.delta_product.utils import chunk_tokens
 
 SHAPES = [(4, 4096, 16, 128), (8, 2048, 16, 128), (2, 8192, 8, 64)]
-
-
-def bench(fn, rep=60):
-    return triton.testing.do_bench(fn, warmup=20, rep=rep, return_mode="median")
 
 
 def ceilings():
@@ -60,12 +56,6 @@ def model(B, T, H, D, n_h, dtype):
     x_bytes = e * B * H * T * (K + n_h * (K + V) + n_h) + e * B * T * H * V
     return dict(fwd_flop=fwd, fwdbwd_flop=3 * fwd, hvp_flop=6 * fwd, fwd_bytes=x_bytes, fwdbwd_bytes=3 * x_bytes,
                 hvp_bytes=5 * x_bytes)
-
-
-def bench_graph(fn, rep=60):
-    """Median time of ``fn`` replayed from a CUDA graph: the device's time, without the host's launch overhead
-    (which at (2, 8192, 8, 64) is as long as the kernels, for fla and for us)."""
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def timed(out: dict, name: str, fn, graphs: bool, rep: int = 60) -> None:

@@ -22,11 +22,10 @@ import sys
 import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import make_inputs, ours, run_and_save
+from kernels_common import bench, bench_graph, make_inputs, ours, run_and_save
 
 from kernels.delta_product.utils import TUNING
 
@@ -58,10 +57,8 @@ def measure(n_h: int, calls: int, reps: int) -> dict:
 
     for _ in range(3):
         fwdbwd()
-    bench = dict(warmup=20, rep=100, return_mode="median")
     return dict(n_h=n_h, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps),
-                bench_fwd=triton.testing.do_bench(fwd, **bench), bench_fb=triton.testing.do_bench(fwdbwd, **bench),
-                graph_fb=triton.testing.do_bench_cudagraph(fwdbwd, rep=60, return_mode="median"))
+                bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd))
 
 
 def main():

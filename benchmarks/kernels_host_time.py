@@ -4,7 +4,8 @@ At this shape a forward+backward runs 0.5–1.3 ms of kernels, so an eager call 
 issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it prints and records
 
 * ``host_fwd``, ``host_fb``: host time per eager forward / forward+backward, without synchronizing (best of
-  ``--reps`` loops of ``--calls`` calls, ms);
+  ``--reps`` loops of ``--calls`` calls, ms); ``host_chunk_fwd``, ``host_chunk_bwd``: the same for the kernel
+  launchers alone (``chunk_fwd``, ``chunk_bwd``: Python and Triton launches, no autograd);
 * ``bench_fwd``, ``bench_fb``: ``triton.testing.do_bench`` medians of the same eager calls;
 * ``graph_fb``: ``do_bench_cudagraph`` of the forward+backward (device time alone).
 
@@ -27,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import bench, bench_graph, make_inputs, ours, run_and_save
 
+from kernels.delta_product.chunk_bwd import chunk_bwd
+from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.utils import TUNING
 
 
@@ -57,7 +60,13 @@ def measure(n_h: int, calls: int, reps: int) -> dict:
 
     for _ in range(3):
         fwdbwd()
-    return dict(n_h=n_h, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps),
+    q, k, v = (x[n].detach() for n in ("q", "k", "v"))
+    beta = x["beta"].detach().float()
+    saved = chunk_fwd(q, k, v, beta, None, None, 0.125, True)[2]
+    launchers = dict(host_chunk_fwd=host_ms(lambda: chunk_fwd(q, k, v, beta, None, None, 0.125, True), calls, reps),
+                     host_chunk_bwd=host_ms(lambda: chunk_bwd(q, k, v, beta, None, None, 0.125, saved, do, None), calls,
+                                            reps))
+    return dict(n_h=n_h, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps), **launchers,
                 bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd))
 
 
@@ -76,7 +85,7 @@ def main():
 
     res = run_and_save(collect, args.out, f"kernels_host_time_{args.tag}.json", shape=[2, 8192, 8, 64],
                        spec=args.tuning)
-    cols = ("host_fwd", "host_fb", "bench_fwd", "bench_fb", "graph_fb")
+    cols = ("host_fwd", "host_fb", "host_chunk_fwd", "host_chunk_bwd", "bench_fwd", "bench_fb", "graph_fb")
     print("n_h | " + " ".join(f"{c:>9s}" for c in cols) + "  (ms)")
     for r in res["rows"]:
         print(f"{r['n_h']:3d} | " + " ".join(f"{r[c]:9.3f}" for c in cols))

@@ -165,9 +165,9 @@ class Tuning:
             past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
         gate_dk_f32: with a gate and 16-bit inputs, store ``dS_{c+1}`` (``dHs``) in float32 and form
             ``U dS_{c+1}ᵀ`` in ``dqkw`` with float32 operands (``prec_f32``). That product feeds the gate cotangent's
-            terms, which cancel at short sequences: with bf16 operands it alone gave ``dG`` 30 % relative error at
-            T = 2 (fuzz seed 0, case 388; CPU emulation of bf16 operands, float32 inputs) where the bf16 recurrence
-            errs by 10 %. Off by default until its cost is measured on a GPU.
+            terms, which cancel at short sequences: with bf16 operands it alone gave ``dG`` 31 % relative error at
+            T = 2 (fuzz seed 0, case 388; ``benchmarks/kernels_gate_case.py --emulate dk_tile``) where the bf16
+            recurrence errs by 10 %. Off by default until its cost is measured on a GPU.
     """
 
     inverse: str = "tiles"

@@ -1,7 +1,7 @@
 """Kernel launches: the deepest software pipeline that fits, and a direct path to compiled kernels.
 
-``kernel[grid](*args)`` binds and specializes every argument on every call, about 30 µs of host time for
-the 20–40 arguments of a DeltaProduct kernel on an H100 host. At small sizes eager calls are host-bound
+``kernel[grid](*args)`` binds and specializes every argument on every call, in Python, for the 20–40
+arguments of a DeltaProduct kernel. At small sizes eager calls are host-bound
 (a bf16 fwd+bwd at (2, 8192, 8, 64) runs 0.9 ms of kernels), so :func:`launch` keeps the compiled kernel
 that a launch returns and calls it directly (``compiled[grid](*values)``) while the launch is specialized
 alike: equal constexprs and launch options, and runtime arguments that agree in what Triton specializes on

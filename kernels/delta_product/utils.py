@@ -343,7 +343,8 @@ TUNING = Tuning().update(os.environ.get("DELTA_PRODUCT_TUNING", ""))
 
 
 def cdiv(a: int, b: int) -> int:
-    """``⌈a / b⌉`` on the host (``triton.cdiv`` is a constexpr function: several µs a call through its wrapper)."""
+    """``⌈a / b⌉`` on the host (``triton.cdiv`` is a constexpr function, whose wrapper unwraps its arguments on
+    every call)."""
     return -(-a // b)
 
 

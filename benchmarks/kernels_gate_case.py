@@ -8,16 +8,19 @@ interpreter multiplies in float32; ``--emulate SCOPE`` rounds the matmul operand
 tensor cores see them for bf16 inputs:
 
 * ``all``: every kernel's products; ``all_but_dk_tile``: all but ``dqkw``'s ``U dS_{c+1}ᵀ`` (what
-  ``Tuning.gate_dk_f32`` computes in float32 on a GPU; pair it with ``--tuning gate_dk_f32=on`` for its float32
-  ``dHs``);
+  ``Tuning.gate_dk=f32`` computes in float32 on a GPU; pair it with ``--tuning gate_dk=f32`` for its float32
+  ``dHs``; with ``--tuning gate_dk=split``, the default, ``all`` rounds both halves of the split);
 * ``scan_dh``, ``dqkw``, ``wy_bwd``: that backward kernel's products alone; ``dk_tile``: only ``dqkw``'s
   ``U dS_{c+1}ᵀ`` (``chunk_bwd._dk_tile``); ``dq_dp_tile``: only its ``dO Sᵀ`` and ``dO Uᵀ``.
 
-    python benchmarks/kernels_gate_case.py [--emulate SCOPE] [--tuning SPEC]
+``--record FILE`` appends the run (device, versions, command, rows) to the ``runs`` of that JSON file.
+
+    python benchmarks/kernels_gate_case.py [--emulate SCOPE] [--tuning SPEC] [--record FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import types
@@ -28,7 +31,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_common import NAMES, ours
+from kernels_common import NAMES, env_info, ours
 
 from kernels.delta_product import chunk_bwd, chunk_fwd, common, tangent_bwd, tangent_fwd
 from kernels.delta_product.utils import TUNING
@@ -78,7 +81,8 @@ def gate_cotangent(x: dict, do: torch.Tensor, ds: torch.Tensor, f) -> list[float
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulate", choices=tuple(SCOPES), help="bf16 matmul operands in this scope (CPU interpreter)")
-    ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec, e.g. gate_dk_f32=on")
+    ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec, e.g. gate_dk=f32")
+    ap.add_argument("--record", help="append this run to the runs of this JSON file")
     args = ap.parse_args()
     TUNING.update(args.tuning)
     if args.emulate:
@@ -96,13 +100,27 @@ def main():
     rows = [("float64 recurrence", {n: t.double() for n, t in x.items()}, recurrent),
             ("bf16 recurrence", x, recurrent), ("kernels, bf16 inputs", x, kernels),
             ("kernels, float32 inputs", {n: t.float() for n, t in x.items()}, kernels)]
-    exact = None
+    exact, found = None, {}
     print(f"dg per token ({dev}, emulate={args.emulate}, tuning='{TUNING.spec()}')")
     for name, z, f in rows:
         dg = gate_cotangent(z, do, ds, f)
         exact = exact or dg
         err = sum((a - b) ** 2 for a, b in zip(dg, exact)) ** 0.5 / sum(b ** 2 for b in exact) ** 0.5
+        found[name] = dict(dg=[round(d, 6) for d in dg], rel_err=float(f"{err:.3g}"))
         print(f"{name:24s} {dg[0]: .6f} {dg[1]: .6f}   relative error {err:.3g}")
+    if args.record:
+        record(args.record, dict(env_info(), command=" ".join(["python", *sys.argv]), rows=found))
+
+
+def record(path: str, run: dict) -> None:
+    """Append ``run`` to the ``runs`` of the JSON file ``path`` (created if missing)."""
+    res = {"runs": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+    res.setdefault("runs", []).append(run)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

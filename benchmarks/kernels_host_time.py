@@ -1,4 +1,5 @@
-"""Host time of eager DeltaProduct calls at (2, 8192, 8, 64), bf16, no gate, n_h = 1..3 (GPU).
+"""Host time of eager DeltaProduct calls at (2, 8192, 8, 64), bf16, without a gate or with one (``--gate``),
+n_h = 1..3 (GPU).
 
 At this shape a forward+backward runs 0.5–1.3 ms of kernels, so an eager call is as fast as the host can
 issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it prints and records
@@ -13,7 +14,7 @@ issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it
 earlier version, run this script with that version's ``kernels`` package first on ``PYTHONPATH``.
 Host timings vary between processes on a shared machine; compare rows of one run.
 
-    python benchmarks/kernels_host_time.py [--tag NAME] [--tuning SPEC] [--out DIR]
+    python benchmarks/kernels_host_time.py [--tag NAME] [--tuning SPEC] [--gate] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from kernels_common import bench, bench_graph, make_inputs, ours, run_and_save
 
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
-from kernels.delta_product.utils import TUNING
+from kernels.delta_product.utils import TUNING, chunk_local_cumsum, chunk_tokens
 
 
 def host_ms(fn, calls: int, reps: int) -> float:
@@ -47,8 +48,8 @@ def host_ms(fn, calls: int, reps: int) -> float:
     return best
 
 
-def measure(n_h: int, calls: int, reps: int) -> dict:
-    x = make_inputs(2, 8192, 8, 64, 64, n_h, dtype=torch.bfloat16, correlated=True, seed=1)
+def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
+    x = make_inputs(2, 8192, 8, 64, 64, n_h, dtype=torch.bfloat16, gate=gate, correlated=True, seed=1)
     xs = [t.requires_grad_(True) for t in x.values() if t is not None]
     do = torch.randn(2, 8192, 8, 64, device="cuda", dtype=torch.bfloat16)
 
@@ -62,11 +63,12 @@ def measure(n_h: int, calls: int, reps: int) -> dict:
         fwdbwd()
     q, k, v = (x[n].detach() for n in ("q", "k", "v"))
     beta = x["beta"].detach().float()
-    saved = chunk_fwd(q, k, v, beta, None, None, 0.125, True)[2]
-    launchers = dict(host_chunk_fwd=host_ms(lambda: chunk_fwd(q, k, v, beta, None, None, 0.125, True), calls, reps),
-                     host_chunk_bwd=host_ms(lambda: chunk_bwd(q, k, v, beta, None, None, 0.125, saved, do, None), calls,
+    G = chunk_local_cumsum(x["g"].detach(), chunk_tokens(n_h)).contiguous() if gate else None
+    saved = chunk_fwd(q, k, v, beta, G, None, 0.125, True)[2]
+    launchers = dict(host_chunk_fwd=host_ms(lambda: chunk_fwd(q, k, v, beta, G, None, 0.125, True), calls, reps),
+                     host_chunk_bwd=host_ms(lambda: chunk_bwd(q, k, v, beta, G, None, 0.125, saved, do, None), calls,
                                             reps))
-    return dict(n_h=n_h, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps), **launchers,
+    return dict(n_h=n_h, gate=gate, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps), **launchers,
                 bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd))
 
 
@@ -74,6 +76,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="current", help="name of this run in the JSON file name")
     ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec")
+    ap.add_argument("--gate", action="store_true", help="gated inputs")
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -81,10 +84,10 @@ def main():
 
     def collect():
         TUNING.update(args.tuning)
-        return [measure(n_h, args.calls, args.reps) for n_h in (1, 2, 3)]
+        return [measure(n_h, args.calls, args.reps, args.gate) for n_h in (1, 2, 3)]
 
     res = run_and_save(collect, args.out, f"kernels_host_time_{args.tag}.json", shape=[2, 8192, 8, 64],
-                       spec=args.tuning)
+                       spec=args.tuning, gate=args.gate)
     cols = ("host_fwd", "host_fb", "host_chunk_fwd", "host_chunk_bwd", "bench_fwd", "bench_fb", "graph_fb")
     print("n_h | " + " ".join(f"{c:>9s}" for c in cols) + "  (ms)")
     for r in res["rows"]:

@@ -434,13 +434,14 @@ def test_third_order_through_the_dual_kernels_is_refused_with_the_fix(monkeypatc
         torch.autograd.grad(sum(a.sum() for a in h), xs)
 
 
-def test_gate_dk_f32_keeps_every_order(monkeypatch):
-    """``TUNING.gate_dk_f32``: with a gate and bf16 inputs ``dS_{c+1}`` (``dHs``) is stored in float32 and ``U
-    dS_{c+1}ᵀ`` formed with float32 operands; gradients, the double backward and ``jvp`` still match the float64
-    recurrence (bf16 4e-2), the tangent kernels reading the float32 ``dHs``."""
+@pytest.mark.parametrize("gate_dk", ["split", "input"])
+def test_gate_dk_keeps_every_order(monkeypatch, gate_dk):
+    """``TUNING.gate_dk``: with a gate and bf16 inputs ``dS_{c+1}`` is stored as two bf16 halves and ``U dS_{c+1}ᵀ``
+    formed from both, or from the first alone; gradients, the double backward and ``jvp`` match the float64
+    recurrence (bf16 4e-2), the tangent kernels reading the first half (bf16 ``dHs``)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
-    monkeypatch.setattr(TUNING, "gate_dk_f32", True)
+    monkeypatch.setattr(TUNING, "gate_dk", gate_dk)
     calls = []
     _spy(monkeypatch, chunk_module, "chunk_bwd_tangent", calls, lambda *a, **kw: a[8][1].dtype)
     x = make_inputs(B=1, T=40, n_h=2, H=2, K=32, V=16, gate=True, initial_state=True, correlated=True, seed=9)
@@ -449,4 +450,4 @@ def test_gate_dk_f32_keeps_every_order(monkeypatch):
         return chunk_delta_product(**a, output_final_state=True, scale=0.8)
 
     _all_orders(kernel, x, 4e-2, torch.bfloat16)
-    assert calls == [torch.float32]
+    assert calls == [torch.bfloat16]

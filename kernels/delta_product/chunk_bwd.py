@@ -36,7 +36,7 @@ from kernels.delta_product.common import (
     tokens,
 )
 from kernels.delta_product.launch import launch
-from kernels.delta_product.utils import TUNING, alloc, cdiv, dot_config
+from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
@@ -60,10 +60,10 @@ def dv_local_kernel(q, k, G, dO, dUl, scale, T, N, H, K: tl.constexpr, V: tl.con
 
 
 @triton.jit
-def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
-             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+def _dh_step(q, k, G, W, dO, dUl, dHs, dHl, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v,
+             m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
              BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, FUSE_DV: tl.constexpr,
-             STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+             STORE: tl.constexpr, SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_c`` in reverse: store ``dS_{c+1}``, form and store ``dU = dU_loc + K̃ dS_{c+1}``, return ``dS_c``.
     The state is ``b_dh`` (rows ``o_k``) and, with ``SPLIT``, ``b_dh2`` (rows ``o_k + BK``). With ``FUSE_DV``
     ``dU_loc = Pᵀ dO`` is formed here from the chunk's ``Q``, ``K`` and ``dO`` tiles, not read from ``dUl``.
@@ -73,7 +73,7 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
     # float32 scan_dh (split by default) took 1.54 instead of 1.43 ms on an H100 at n_h = 2
     # (benchmarks/results/kernels_knobs_f32_warps.json against kernels_fused_out.json, call d11)
     if STORE:
-        store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v)
+        _store_ds(dHs, dHl, (i_bh * NC + i_c) * K * V, b_dh, o_k, m_k, V, o_v, m_v, SPLIT_DS)
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_d = tl.full([BT], 1.0, tl.float32)  # K̃ = diag(e^{G_L − G}) K, Q's factor e^{Gq} and the decay e^{G_L}
@@ -95,7 +95,7 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
         if SPLIT:
             if STORE:
-                store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+                _store_ds(dHs, dHl, (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v, SPLIT_DS)
             b_q2 = load_tile(q + i_h * K, rows_q, m_t, H * K, o_k2, m_k2)
             b_k2 = load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2)
             b_du += mm(b_k2, b_dh2, DOT, PREC)
@@ -107,7 +107,7 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
         b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k, m_k), b_dh, DOT, PREC) * b_d[:, None]
         if SPLIT:
             if STORE:
-                store_rows(dHs + (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v)
+                _store_ds(dHs, dHl, (i_bh * NC + i_c) * K * V, b_dh2, o_k2, m_k2, V, o_v, m_v, SPLIT_DS)
             b_du += mm(load_tile(k + i_h * K, rows_k, m_i, H * K, o_k2, m_k2), b_dh2, DOT, PREC) * b_d[:, None]
     if STORE:
         store_rows(dU + i_bh * N * V, b_du, n_i, m_i, V, o_v, m_v)
@@ -123,6 +123,15 @@ def _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_
 
 
 @triton.jit
+def _store_ds(dHs, dHl, offset, b_dh, o_k, m_k, V: tl.constexpr, o_v, m_v, SPLIT_DS: tl.constexpr):
+    """Store ``dS_{c+1}`` (rows ``o_k``) into ``dHs`` (in its dtype) and, with ``SPLIT_DS``, what its bf16 rounding
+    leaves into ``dHl`` (``Tuning.gate_dk``)."""
+    store_rows(dHs + offset, b_dh, o_k, m_k, V, o_v, m_v)
+    if SPLIT_DS:
+        store_rows(dHl + offset, b_dh - b_dh.to(tl.bfloat16).to(tl.float32), o_k, m_k, V, o_v, m_v)
+
+
+@triton.jit
 def _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K: tl.constexpr, n_i, m_i, o_k, m_k,
                DOT: tl.constexpr, PREC: tl.constexpr):
     """``a dS + Qᵀ diag(e) dO − Wᵀ dU`` for the state rows ``o_k`` (``Q``'s and ``W``'s columns ``o_k``)."""
@@ -131,11 +140,11 @@ def _dh_update(W, b_q, b_dh, b_do, b_du, b_e, b_a, i_bh, N, K: tl.constexpr, n_i
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_DHT", "STORE_DH0", "CG", "NG"])
-def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, USE_DHT, STORE_DH0, Sum, CG, NG,
-                   K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dHl, dU, dH0, scale, T, N, NC, H, USE_DHT, STORE_DH0, Sum, CG,
+                   NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                    BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-                   FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
-                   PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                   FUSE_DV: tl.constexpr, SPLIT_DS: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``).
     ``FUSE_DV`` (``Tuning.fuse_dv``): ``dU_loc`` formed here, in place of :func:`dv_local_kernel`. Chunk groups
     and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel`, in reverse."""
@@ -146,15 +155,15 @@ def scan_dh_kernel(q, k, G, W, dO, dUl, dHT, dHs, dU, dH0, scale, T, N, NC, H, U
     if INTERPRET:
         i_c = c1 - 1
         while i_c >= c0:
-            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N, NC,
-                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV, not SUMMARY,
-                                   DOT, PREC)
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dHl, dU, b_dh, b_dh2, scale, i_c, i_b, i_h, i_bh, T, N,
+                                   NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
+                                   not SUMMARY, SPLIT_DS, DOT, PREC)
             i_c -= 1
     else:
         for it in range(c1 - c0):
-            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dU, b_dh, b_dh2, scale, c1 - 1 - it, i_b, i_h, i_bh, T,
-                                   N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G, FUSE_DV,
-                                   not SUMMARY, DOT, PREC)
+            b_dh, b_dh2 = _dh_step(q, k, G, W, dO, dUl, dHs, dHl, dU, b_dh, b_dh2, scale, c1 - 1 - it, i_b, i_h,
+                                   i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK, SPLIT, USE_G,
+                                   FUSE_DV, not SUMMARY, SPLIT_DS, DOT, PREC)
     group_end(Sum, dH0, STORE_DH0, b_dh, b_dh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
@@ -185,23 +194,31 @@ def _dq_dp_tile(b_h, b_u, b_do, b_dqa, b_dp, DOT: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
-def _dk_tile(b_u, b_dh, b_h, b_dkt, b_hdh, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _dk_tile(b_u, dHs, dHl, offset, o_k, m_k, V: tl.constexpr, o_v, m_v, b_h, b_dkt, b_hdh, USE_G: tl.constexpr,
+             SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One value tile's terms of ``U dS_{c+1}ᵀ`` and, with a gate, of ``Σ_v S_c ⊙ dS_{c+1}`` (``b_h``, ``S_c``, is
-    read only then)."""
+    read only then), ``dS_{c+1}``'s tile read at ``offset``. ``SPLIT_DS``: ``dS_{c+1} = hi + lo``, ``hi`` in ``dHs``
+    (its bf16 rounding) and ``lo`` in ``dHl``, and ``U dS_{c+1}ᵀ = U hiᵀ + U loᵀ``: two bf16 passes that keep
+    about 16 bits of ``dS_{c+1}`` (``U`` is bf16 already)."""
+    b_dh = load_rows(dHs + offset, o_k, m_k, V, o_v, m_v)
+    b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+    if SPLIT_DS:
+        b_lo = load_rows(dHl + offset, o_k, m_k, V, o_v, m_v)
+        b_dkt += mm(b_u, tl.trans(b_lo), DOT, PREC)
+        b_dh += b_lo
     if USE_G:
         b_hdh += tl.sum(b_h * b_dh, 1)
-    return b_dkt + mm(b_u, tl.trans(b_dh), DOT, PREC), b_hdh
+    return b_dkt, b_hdh
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
-def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
+def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, DOT_DK: tl.constexpr,
-                PREC_DK: tl.constexpr):
+                SPLIT: tl.constexpr, SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks. ``SPLIT``
     (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``), not one.
-    ``U dS_{c+1}ᵀ`` takes ``DOT_DK`` operands at ``PREC_DK`` (``Tuning.gate_dk_f32``)."""
+    ``SPLIT_DS``: ``dS_{c+1}`` read as two bf16 halves (:func:`_dk_tile`, ``Tuning.gate_dk``)."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -223,8 +240,8 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
             b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
             b_dqa, b_dp = _dq_dp_tile(b_h, b_u, load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
                                       b_dqa, b_dp, DOT, PREC)
-            b_dkt, b_hdh = _dk_tile(b_u, load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v), b_h, b_dkt, b_hdh, USE_G,
-                                    DOT_DK, PREC_DK)
+            b_dkt, b_hdh = _dk_tile(b_u, dHs, dHl, h_ptr, o_k, m_k, V, o_v, m_v, b_h, b_dkt, b_hdh, USE_G, SPLIT_DS,
+                                    DOT, PREC)
     store_rows(dW + i_bh * N * K, b_dw, n_i, m_i, K, o_k, m_k)
     if SPLIT:  # dW's loop above, then dQ's and dP's sums, then dK's: fewer tiles alive at once
         for i_v in range(tl.cdiv(V, BVB)):
@@ -238,9 +255,9 @@ def dqkw_kernel(q, k, G, Hs, dHs, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B,
             o_v = i_v * BVB + tl.arange(0, BVB)
             m_v = o_v < V
             b_dkt, b_hdh = _dk_tile(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                    load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, DOT_DK,
-                                    PREC_DK)
+                                    dHs, dHl, h_ptr, o_k, m_k, V, o_v, m_v,
+                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, SPLIT_DS, DOT,
+                                    PREC)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -399,15 +416,15 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     if not fuse:
         launch(dv_local_kernel, (NC, B * H), q, k, gp, do, dUl, scale, T, N, BQ=c["BQ"], BK=c["BK"], BVB=c["BVB"],
                USE_G=use_g, num_warps=TUNING.warps_dv, **common)
-    # U dS_{c+1}ᵀ feeds dG's terms that cancel: with gate_dk_f32, dS_{c+1} stored and multiplied in float32
-    precise = use_g and TUNING.gate_dk_f32 and q.dtype.itemsize == 2
-    dot_dk, prec_dk = dot_config(f32) if precise else (c["DOT"], c["PREC"])
-    dHs = alloc(*Hs.shape, device=dev, dtype=f32 if precise else Hs.dtype)
+    # U dS_{c+1}ᵀ feeds dG's terms that cancel: with gate_dk = split, dS_{c+1} is stored in two bf16 halves
+    split_ds = use_g and TUNING.gate_dk == "split" and q.dtype.itemsize == 2
+    dHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
+    dHl = alloc(*Hs.shape, device=dev, dtype=Hs.dtype) if split_ds else dHs
     dU = alloc(B, H, N, V, device=dev, dtype=mid)
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_kernel, c, c["BVS"], q, k, gp, W, do, dUl, dht.contiguous() if dht is not None else dUl, dHs,
-                dU, dh0 if dh0 is not None else dUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], SPLIT=c["SPLIT"],
-                USE_G=use_g, FUSE_DV=fuse, USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None),
+                dHl, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], SPLIT=c["SPLIT"],
+                USE_G=use_g, FUSE_DV=fuse, SPLIT_DS=split_ds, USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None),
                 INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = cdiv(K, bkd)
@@ -415,9 +432,9 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
-    launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
+    launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, dHl, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
            scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g,
-           SPLIT=TUNING.on("dqkw_split", q.dtype), DOT_DK=dot_dk, PREC_DK=prec_dk, num_warps=TUNING.warps_dqkw,
+           SPLIT=TUNING.on("dqkw_split", q.dtype), SPLIT_DS=split_ds, num_warps=TUNING.warps_dqkw,
            **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)

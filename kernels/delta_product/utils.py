@@ -163,11 +163,17 @@ class Tuning:
             as the CPU tests under the interpreter do).
         direct_launch: a launch specialized as an earlier one calls that launch's compiled kernel directly,
             past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
-        gate_dk_f32: with a gate and 16-bit inputs, store ``dS_{c+1}`` (``dHs``) in float32 and form
-            ``U dS_{c+1}ᵀ`` in ``dqkw`` with float32 operands (``prec_f32``). That product feeds the gate cotangent's
-            terms, which cancel at short sequences: with bf16 operands it alone gave ``dG`` 31 % relative error at
-            T = 2 (fuzz seed 0, case 388; ``benchmarks/kernels_gate_case.py --emulate dk_tile``) where the bf16
-            recurrence errs by 10 %. Off by default until its cost is measured on a GPU.
+        gate_dk: with a gate and 16-bit inputs, how ``scan_dh`` stores ``dS_{c+1}`` (``dHs``) and ``dqkw`` forms
+            ``U dS_{c+1}ᵀ``. That product feeds the gate cotangent's terms, which cancel at short sequences: with bf16
+            operands it alone gave ``dG`` 31 % relative error at T = 2 (fuzz seed 0, case 388;
+            ``benchmarks/kernels_gate_case.py --emulate dk_tile``) where the bf16 recurrence errs by 10 %.
+            ``"split"`` (default): ``dS_{c+1} = hi + lo`` stored as two bf16 tensors (``hi`` its rounding, which the
+            tangent kernels read) and ``U hiᵀ + U loᵀ`` in two bf16 passes (``U`` is bf16, so about 16 bits of
+            ``dS_{c+1}`` count): 1.2 % on that case on an H100. ``"input"``: ``hi`` alone, 27 %. On an H100 at
+            (4, 4096, 16, 128) the split costs gated bf16 fwd+bwd 4.5–6 % (``scan_dh``'s second store, ``dqkw``'s second
+            product) and the HVP 1 % (``benchmarks/results/kernels_knobs_gate_dk_d128.json``,
+            ``kernels_knobs_gate_dk_hvp.json``); ``dS_{c+1}`` stored in float32 was slower (``scan_dh`` 0.53 against
+            0.35 ms at n_h = 1), and float32 operands at ``prec_f32`` slower still (fwd+bwd 14–31 %, ``dqkw`` spilling).
     """
 
     inverse: str = "tiles"
@@ -208,7 +214,7 @@ class Tuning:
     tangent_min_dim: int = 64
     tangent_gate: bool = True
     direct_launch: bool = True
-    gate_dk_f32: bool = False
+    gate_dk: str = "split"
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -298,6 +304,7 @@ class Tuning:
                               *((n, ("f32", "bf16", "on", "off"))
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
+                              ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
                               ("block_dual", (0, 16, 32, 64, 128)),

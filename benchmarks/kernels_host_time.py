@@ -8,7 +8,10 @@ issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it
   ``--reps`` loops of ``--calls`` calls, ms); ``host_chunk_fwd``, ``host_chunk_bwd``: the same for the kernel
   launchers alone (``chunk_fwd``, ``chunk_bwd``: Python and Triton launches, no autograd);
 * ``bench_fwd``, ``bench_fb``: ``triton.testing.do_bench`` medians of the same eager calls;
-* ``graph_fb``: ``do_bench_cudagraph`` of the forward+backward (device time alone).
+* ``graph_fb``: ``do_bench_cudagraph`` of the forward+backward (device time alone);
+* ``host_fb_direct_apply``, ``host_fb_function_apply``: ``host_fb`` with the autograd ``Function`` applied by
+  ``chunk._apply`` (as the kernels do) and by ``Function.apply``, measured in alternation within this process
+  (host times drift between processes more than the difference).
 
 ``--tuning`` applies a ``DELTA_PRODUCT_TUNING`` spec (e.g. ``direct_launch=False``). To compare with an
 earlier version, run this script with that version's ``kernels`` package first on ``PYTHONPATH``.
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import bench, bench_graph, make_inputs, ours, run_and_save
 
+from kernels.delta_product import chunk
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.utils import TUNING, chunk_local_cumsum, chunk_tokens
@@ -46,6 +50,26 @@ def host_ms(fn, calls: int, reps: int) -> float:
         best = min(best, (time.perf_counter() - t) / calls * 1e3)
         torch.cuda.synchronize()
     return best
+
+
+def alternated(fns: dict, calls: int, reps: int) -> dict[str, float]:
+    """:func:`host_ms` of each of ``fns`` in turn, ``reps`` rounds of one loop each: the best per name."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            best[name] = min(best[name], host_ms(fn, calls, 1))
+    return best
+
+
+def function_apply(fn):
+    """``fn`` run with ``chunk._apply`` replaced by plain ``Function.apply``."""
+    def run():
+        direct, chunk._apply = chunk._apply, lambda function, *args: function.apply(*args)
+        try:
+            return fn()
+        finally:
+            chunk._apply = direct
+    return run
 
 
 def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
@@ -68,8 +92,10 @@ def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
     launchers = dict(host_chunk_fwd=host_ms(lambda: chunk_fwd(q, k, v, beta, G, None, 0.125, True), calls, reps),
                      host_chunk_bwd=host_ms(lambda: chunk_bwd(q, k, v, beta, G, None, 0.125, saved, do, None), calls,
                                             reps))
+    applied = alternated(dict(host_fb_direct_apply=fwdbwd, host_fb_function_apply=function_apply(fwdbwd)), calls,
+                         2 * reps)
     return dict(n_h=n_h, gate=gate, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps), **launchers,
-                bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd))
+                bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd), **applied)
 
 
 def main():
@@ -88,10 +114,11 @@ def main():
 
     res = run_and_save(collect, args.out, f"kernels_host_time_{args.tag}.json", shape=[2, 8192, 8, 64],
                        spec=args.tuning, gate=args.gate)
-    cols = ("host_fwd", "host_fb", "host_chunk_fwd", "host_chunk_bwd", "bench_fwd", "bench_fb", "graph_fb")
+    cols = ("host_fwd", "host_fb", "host_chunk_fwd", "host_chunk_bwd", "bench_fwd", "bench_fb", "graph_fb",
+            "host_fb_direct_apply", "host_fb_function_apply")
     print("n_h | " + " ".join(f"{c:>9s}" for c in cols) + "  (ms)")
     for r in res["rows"]:
-        print(f"{r['n_h']:3d} | " + " ".join(f"{r[c]:9.3f}" for c in cols))
+        print(f"{r['n_h']:3d} | " + " ".join(f"{r[c]:{max(9, len(c))}.3f}" for c in cols))
 
 
 if __name__ == "__main__":

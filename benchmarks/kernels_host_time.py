@@ -94,8 +94,9 @@ def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
                                             reps))
     applied = alternated(dict(host_fb_direct_apply=fwdbwd, host_fb_function_apply=function_apply(fwdbwd)), calls,
                          2 * reps)
-    return dict(n_h=n_h, gate=gate, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps), **launchers,
-                bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100), graph_fb=bench_graph(fwdbwd), **applied)
+    return dict(n_h=n_h, gate=gate, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps),
+                **launchers, bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100),
+                graph_fb=bench_graph(fwdbwd), **applied)
 
 
 def main():

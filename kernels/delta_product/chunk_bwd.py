@@ -424,8 +424,9 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_kernel, c, c["BVS"], q, k, gp, W, do, dUl, dht.contiguous() if dht is not None else dUl, dHs,
                 dHl, dU, dh0 if dh0 is not None else dUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BKS"], SPLIT=c["SPLIT"],
-                USE_G=use_g, FUSE_DV=fuse, SPLIT_DS=split_ds, USE_DHT=int(dht is not None), STORE_DH0=int(dh0 is not None),
-                INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan, max_stages=TUNING.dh_stages(q.dtype), **common)
+                USE_G=use_g, FUSE_DV=fuse, SPLIT_DS=split_ds, USE_DHT=int(dht is not None),
+                STORE_DH0=int(dh0 is not None), INTERPRET=c["INTERPRET"], num_warps=TUNING.warps_scan,
+                max_stages=TUNING.dh_stages(q.dtype), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = cdiv(K, bkd)
     dq = alloc(*q.shape, device=dev, dtype=q.dtype)

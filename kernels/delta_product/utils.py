@@ -170,10 +170,11 @@ class Tuning:
             ``"split"`` (default): ``dS_{c+1} = hi + lo`` stored as two bf16 tensors (``hi`` its rounding, which the
             tangent kernels read) and ``U hiᵀ + U loᵀ`` in two bf16 passes (``U`` is bf16, so about 16 bits of
             ``dS_{c+1}`` count): 1.2 % on that case on an H100. ``"input"``: ``hi`` alone, 27 %. On an H100 at
-            (4, 4096, 16, 128) the split costs gated bf16 fwd+bwd 4.5–6 % (``scan_dh``'s second store, ``dqkw``'s second
-            product) and the HVP 1 % (``benchmarks/results/kernels_knobs_gate_dk_d128.json``,
-            ``kernels_knobs_gate_dk_hvp.json``); ``dS_{c+1}`` stored in float32 was slower (``scan_dh`` 0.53 against
-            0.35 ms at n_h = 1), and float32 operands at ``prec_f32`` slower still (fwd+bwd 14–31 %, ``dqkw`` spilling).
+            (4, 4096, 16, 128) the split costs gated bf16 fwd+bwd 4.5–6.3 % (``scan_dh``'s second store,
+            ``dqkw``'s second product) and the HVP 1 % (``benchmarks/results/kernels_knobs_gate_dk_d128.json``,
+            ``kernels_knobs_gate_dk_hvp.json``); ``dS_{c+1}`` stored in float32 was slower (``scan_dh`` 0.53
+            against 0.35 ms at n_h = 1), float32 operands at ``prec_f32`` slower still (fwd+bwd 18–31 % over
+            ``"input"``, ``dqkw`` spilling).
     """
 
     inverse: str = "tiles"

@@ -9,11 +9,9 @@ issue it: Python, autograd and one Triton launch per kernel. For each ``n_h`` it
   launchers alone (``chunk_fwd``, ``chunk_bwd``: Python and Triton launches, no autograd);
 * ``bench_fwd``, ``bench_fb``: ``triton.testing.do_bench`` medians of the same eager calls;
 * ``graph_fb``: ``do_bench_cudagraph`` of the forward+backward (device time alone);
-* ``host_fb_direct_apply``, ``host_fb_function_apply``: ``host_fb`` with the autograd ``Function`` s applied by
-  ``utils.apply_function`` (as the kernels do) and by ``Function.apply``; with ``--gate`` also
-  ``host_fb_cumsum_ops``, the chunk-local gate cumsum as the PyTorch operations it runs, each its own autograd node,
-  in place of ``utils.ChunkLocalCumsum``. Measured in alternation within this process (host times drift between
-  processes more than these differences).
+* ``host_fb_direct_apply``, ``host_fb_function_apply``: ``host_fb`` with the autograd ``Function`` applied by
+  ``chunk._apply`` (as the kernels do) and by ``Function.apply``, measured in alternation within this process
+  (host times drift between processes more than the difference).
 
 ``--tuning`` applies a ``DELTA_PRODUCT_TUNING`` spec (e.g. ``direct_launch=False``). To compare with an
 earlier version, run this script with that version's ``kernels`` package first on ``PYTHONPATH``.
@@ -34,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import bench, bench_graph, make_inputs, ours, run_and_save
 
-from kernels.delta_product import chunk, utils
+from kernels.delta_product import chunk
 from kernels.delta_product.chunk_bwd import chunk_bwd
 from kernels.delta_product.chunk_fwd import chunk_fwd
 from kernels.delta_product.utils import TUNING, chunk_local_cumsum, chunk_tokens
@@ -63,31 +61,15 @@ def alternated(fns: dict, calls: int, reps: int) -> dict[str, float]:
     return best
 
 
-def patched(fn, module, **names):
-    """``fn`` run with the attributes ``names`` of ``module`` replaced (restored afterwards)."""
+def function_apply(fn):
+    """``fn`` run with ``chunk._apply`` replaced by plain ``Function.apply``."""
     def run():
-        kept = {n: getattr(module, n) for n in names}
-        for n, value in names.items():
-            setattr(module, n, value)
+        direct, chunk._apply = chunk._apply, lambda function, *args: function.apply(*args)
         try:
             return fn()
         finally:
-            for n, value in kept.items():
-                setattr(module, n, value)
+            chunk._apply = direct
     return run
-
-
-def cumsum_ops(g: torch.Tensor, ct: int) -> torch.Tensor:
-    """The chunk-local cumsum as PyTorch operations under autograd, one node each."""
-    B, T, H = g.shape
-    nc = -(-T // ct)
-    gp = torch.nn.functional.pad(g.float(), (0, 0, 0, nc * ct - T))
-    return gp.reshape(B, nc, ct, H).cumsum(2).view(B, nc * ct, H)[:, :T].contiguous()
-
-
-def function_apply(function, *args):
-    """``Function.apply``, as the kernels applied their ``Function`` s before ``utils.apply_function``."""
-    return function.apply(*args)
 
 
 def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
@@ -110,12 +92,8 @@ def measure(n_h: int, calls: int, reps: int, gate: bool) -> dict:
     launchers = dict(host_chunk_fwd=host_ms(lambda: chunk_fwd(q, k, v, beta, G, None, 0.125, True), calls, reps),
                      host_chunk_bwd=host_ms(lambda: chunk_bwd(q, k, v, beta, G, None, 0.125, saved, do, None), calls,
                                             reps))
-    variants = dict(host_fb_direct_apply=fwdbwd,
-                    host_fb_function_apply=patched(patched(fwdbwd, chunk, apply_function=function_apply), utils,
-                                                   apply_function=function_apply))
-    if gate:
-        variants["host_fb_cumsum_ops"] = patched(fwdbwd, chunk, chunk_local_cumsum=cumsum_ops)
-    applied = alternated(variants, calls, 2 * reps)
+    applied = alternated(dict(host_fb_direct_apply=fwdbwd, host_fb_function_apply=function_apply(fwdbwd)), calls,
+                         2 * reps)
     return dict(n_h=n_h, gate=gate, host_fwd=host_ms(fwd, calls, reps), host_fb=host_ms(fwdbwd, calls, reps),
                 **launchers, bench_fwd=bench(fwd, rep=100), bench_fb=bench(fwdbwd, rep=100),
                 graph_fb=bench_graph(fwdbwd), **applied)
@@ -138,7 +116,7 @@ def main():
     res = run_and_save(collect, args.out, f"kernels_host_time_{args.tag}.json", shape=[2, 8192, 8, 64],
                        spec=args.tuning, gate=args.gate)
     cols = ("host_fwd", "host_fb", "host_chunk_fwd", "host_chunk_bwd", "bench_fwd", "bench_fb", "graph_fb",
-            "host_fb_direct_apply", "host_fb_function_apply") + ("host_fb_cumsum_ops",) * args.gate
+            "host_fb_direct_apply", "host_fb_function_apply")
     print("n_h | " + " ".join(f"{c:>9s}" for c in cols) + "  (ms)")
     for r in res["rows"]:
         print(f"{r['n_h']:3d} | " + " ".join(f"{r[c]:{max(9, len(c))}.3f}" for c in cols))

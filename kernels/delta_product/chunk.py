@@ -27,6 +27,7 @@ import contextlib
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import forward_ad
 
 from kernels.delta_product.chunk_bwd import chunk_bwd
@@ -39,7 +40,6 @@ from kernels.delta_product.utils import (
     FUSED_MAX_DIM,
     FUSED_MAX_NH,
     TUNING,
-    apply_function,
     chunk_local_cumsum,
     chunk_tokens,
     validate,
@@ -114,7 +114,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
             do = torch.zeros(q.shape[:3] + (v.shape[-1],), device=q.device, dtype=q.dtype)
         if _first_order_only():  # the backward's own autograd Function would record nothing
             return chunk_bwd(q, k, v, beta, G, h0, ctx.scale, saved, do, dht)[0] + (None,)
-        grads = apply_function(ChunkDeltaProductBackward, q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)[:6]
+        grads = _apply(ChunkDeltaProductBackward, q, k, v, beta, G, h0, do, dht, ctx.scale, *saved)[:6]
         return tuple(grads) + (None,)
 
     @staticmethod
@@ -124,7 +124,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
         if _dual_ok(q, v, G):
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             tG = None if G is None else _filled((G,), (dG,))[0]
-            return apply_function(DualForward, q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
+            return _apply(DualForward, q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
         f, xs, tangents, _ = _composed_at(ctx.scale, primals, (dq, dk, dv, dbeta, dG, dh0))
         _, (do, dht) = torch.func.jvp(f, xs, tangents)
         return do.to(primals[0].dtype), dht, None, None, None, None
@@ -169,8 +169,7 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
         tdo, tdht = tangents[6:8]
         if tdo is not None or tdht is not None:
             tdo = torch.zeros_like(do) if tdo is None else tdo
-            lin = apply_function(ChunkDeltaProductBackward, q, k, v, beta, G, h0, tdo, tdht, ctx.scale,
-                                 *rest[:4])[:6]
+            lin = _apply(ChunkDeltaProductBackward, q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *rest[:4])[:6]
             gx = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
         return tuple(gx) + (None,) * 3
 
@@ -189,7 +188,7 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
         tG = None if G is None else _filled((G,), dirs[4:5])[0]
         args = (q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, *kept, *(tsaved or (None,) * 4), *tangents)
         # DualBackward only refuses third order; nothing can ask for it when nothing differentiates this
-        *hvp, to, tht = _dual_backward(*args) if _first_order_only() else apply_function(DualBackward, *args)
+        *hvp, to, tht = _dual_backward(*args) if _first_order_only() else _apply(DualBackward, *args)
         return tuple(hvp), to, tht
     f, xs, directions, present = _composed_at(scale, primals, dirs)
     had_dht = dht is not None
@@ -272,6 +271,16 @@ def _first_order_only() -> bool:
     small sizes)."""
     return (not torch.is_grad_enabled() and getattr(forward_ad, "_current_level", 0) < 0
             and not torch._C._are_functorch_transforms_active())
+
+
+def _apply(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)``, every argument given positionally. Outside ``torch.func`` transforms and
+    ``torch.compile`` this is ``Function.apply`` without its per-call ``inspect.signature`` binding of default
+    arguments, which a ``Function`` with ``setup_context`` pays on every call and which has nothing to bind here
+    (host time that eager calls at small sizes feel)."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
 
 
 def _tangent_ok(q: Tensor, v: Tensor) -> bool:
@@ -377,12 +386,12 @@ def chunk_delta_product(
     d = validate(q, k, v, beta, g, initial_state)
     ct = chunk_tokens(d.n_h)
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    G = chunk_local_cumsum(g, ct) if g is not None else None
+    G = chunk_local_cumsum(g, ct).contiguous() if g is not None else None
     h0 = initial_state.to(wide).contiguous() if initial_state is not None else None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     beta = beta.to(wide).contiguous()
     if _fused_ok(q, d.K, d.V, d.n_h):
-        o, ht = apply_function(ChunkDeltaProductFunction, q, k, v, beta, G, h0, float(scale))[:2]
+        o, ht = _apply(ChunkDeltaProductFunction, q, k, v, beta, G, h0, float(scale))[:2]
     else:
         o, ht = composed_delta_product(q, k, v, beta, G, h0, float(scale), ct)
         o = o.to(q.dtype)

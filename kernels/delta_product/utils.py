@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 from torch import Tensor
-from torch._functorch.utils import unwrap_dead_wrappers
 
 #: micro-steps per chunk block of the fused kernels (rows of the triangular solve)
 BLOCK_STEPS = 64
@@ -388,62 +387,20 @@ def chunk_tokens(n_h: int, block: int = BLOCK_STEPS) -> int:
 def chunk_local_cumsum(g: Tensor, ct: int) -> Tensor:
     """``G_t = Σ_{s ≤ t, s in the chunk of t} g_s`` for chunks of ``ct`` tokens along dim 1.
 
-    One autograd node (:class:`ChunkLocalCumsum`) in place of the five of the PyTorch operations it runs: host time
-    that eager calls at small sizes feel.
-
     Args:
         g: ``[B, T, H]`` log gates.
         ct: tokens per chunk.
 
     Returns:
-        ``[B, T, H]`` float32 (float64 for float64 ``g``), contiguous, differentiable to any order.
+        ``[B, T, H]`` float32 (float64 for float64 ``g``), differentiable.
     """
-    return apply_function(ChunkLocalCumsum, g, ct, False)
-
-
-def _local_cumsum(x: Tensor, ct: int, reverse: bool) -> Tensor:
-    """``Σ_{s ≤ t}`` (``reverse``: ``Σ_{s ≥ t}``) over the tokens ``s`` of ``t``'s chunk of ``ct`` along dim 1 of
-    ``x [B, T, H]``, in float32 (float64 for float64 ``x``), contiguous."""
-    B, T, H = x.shape
+    B, T, H = g.shape
     nc = cdiv(T, ct)
-    xp, pad = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), nc * ct - T
+    dt = torch.float64 if g.dtype == torch.float64 else torch.float32
+    gp, pad = g.to(dt), nc * ct - T
     if pad:  # a zero pad would still copy
-        xp = torch.nn.functional.pad(xp, (0, 0, 0, pad))
-    xp = xp.reshape(B, nc, ct, H)
-    y = xp.flip(2).cumsum(2).flip(2) if reverse else xp.cumsum(2)
-    return y.view(B, nc * ct, H)[:, :T].contiguous()
-
-
-class ChunkLocalCumsum(torch.autograd.Function):
-    """``(x, ct, reverse) → L x`` for the chunk-local cumulative sum ``L`` along dim 1 (``reverse``: ``Lᵀ x``, the
-    sums from each token to its chunk's end). Linear: the backward applies ``Lᵀ`` (``L``) and ``jvp`` ``L`` (``Lᵀ``),
-    both through this Function again, so every order of derivative is one node."""
-
-    @staticmethod
-    def forward(x, ct, reverse):
-        return _local_cumsum(x, ct, reverse)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.ct, ctx.reverse = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx, dy):
-        return apply_function(ChunkLocalCumsum, dy, ctx.ct, not ctx.reverse), None, None
-
-    @staticmethod
-    def jvp(ctx, dx, *_):
-        return apply_function(ChunkLocalCumsum, dx, ctx.ct, ctx.reverse)
-
-
-def apply_function(function: type[torch.autograd.Function], *args):
-    """``function.apply(*args)``, every argument given positionally. Outside ``torch.func`` transforms and
-    ``torch.compile`` this is ``Function.apply`` without its per-call ``inspect.signature`` binding of default
-    arguments, which a ``Function`` with ``setup_context`` pays on every call and which has nothing to bind here
-    (host time that eager calls at small sizes feel)."""
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return function.apply(*args)
-    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
+        gp = torch.nn.functional.pad(gp, (0, 0, 0, pad))
+    return gp.reshape(B, nc, ct, H).cumsum(2).view(B, nc * ct, H)[:, :T]
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:

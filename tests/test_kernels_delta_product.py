@@ -281,6 +281,23 @@ def test_chunk_local_cumsum_restarts_at_every_chunk(T, ct):
     assert torch.allclose(dg.float(), ref_dg.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("T, ct", [(13, 4), (8, 4), (5, 7)])
+def test_chunk_local_cumsum_every_order(T, ct):
+    """``chunk_local_cumsum`` against finite differences in float64: reverse and forward mode, reverse-over-reverse
+    and forward-over-reverse, and through ``torch.func``."""
+    g = torch.randn(2, T, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return utils.chunk_local_cumsum(x, ct)
+
+    assert torch.autograd.gradcheck(f, (g,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (g,), check_fwd_over_rev=True)
+    w = torch.randn(2, T, 3, dtype=torch.float64)
+    dg = torch.func.grad(lambda x: (f(x) * w).sum())(g.detach())
+    assert torch.allclose(dg, torch.autograd.grad((f(g) * w).sum(), g)[0], rtol=0, atol=1e-12)
+    assert torch.allclose(torch.func.jvp(f, (g.detach(),), (w,))[1], f(w), rtol=0, atol=1e-12)
+
+
 def test_uncorrelated_keys_beta_up_to_one():
     x = make_inputs(B=1, T=40, n_h=2, H=1, K=16, V=16, gate=True, beta_max=1.0, seed=3)
     _check_first_order(x, torch.float32)

@@ -166,7 +166,8 @@ class Tuning:
         gate_dk: with a gate and 16-bit inputs, how ``scan_dh`` stores ``dS_{c+1}`` (``dHs``) and ``dqkw`` forms
             ``U dS_{c+1}ᵀ``. That product feeds the gate cotangent's terms, which cancel at short sequences: with bf16
             operands it alone gave ``dG`` 31 % relative error at T = 2 (fuzz seed 0, case 388;
-            ``benchmarks/kernels_gate_case.py --emulate dk_tile``) where the bf16 recurrence errs by 10 %.
+            ``benchmarks/kernels_gate_case.py --emulate dk_tile --tuning gate_dk=input``) where the bf16 recurrence errs
+            by 10 %.
             ``"split"`` (default): ``dS_{c+1} = hi + lo`` stored as two bf16 tensors (``hi`` its rounding, which the
             tangent kernels read) and ``U hiᵀ + U loᵀ`` in two bf16 passes (``U`` is bf16, so about 16 bits of
             ``dS_{c+1}`` count): 1.2 % on that case on an H100. ``"input"``: ``hi`` alone, 27 %. On an H100 at

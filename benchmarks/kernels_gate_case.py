@@ -7,9 +7,9 @@ differs from the CPU's). On a GPU this is the kernels' own arithmetic. On the CP
 interpreter multiplies in float32; ``--emulate SCOPE`` rounds the matmul operands to bf16 inside ``SCOPE``, as the
 tensor cores see them for bf16 inputs:
 
-* ``all``: every kernel's products; ``all_but_dk_tile``: all but ``dqkw``'s ``U dS_{c+1}ᵀ`` (what
-  ``Tuning.gate_dk=f32`` computes in float32 on a GPU; pair it with ``--tuning gate_dk=f32`` for its float32
-  ``dHs``; with ``--tuning gate_dk=split``, the default, ``all`` rounds both halves of the split);
+* ``all``: every kernel's products (with ``Tuning.gate_dk = "split"``, the default, both halves of ``dS_{c+1}``
+  in ``U dS_{c+1}ᵀ``; ``--tuning gate_dk=input`` for the one bf16 ``dS_{c+1}`` before it); ``all_but_dk_tile``:
+  all but ``dqkw``'s ``U dS_{c+1}ᵀ``;
 * ``scan_dh``, ``dqkw``, ``wy_bwd``: that backward kernel's products alone; ``dk_tile``: only ``dqkw``'s
   ``U dS_{c+1}ᵀ`` (``chunk_bwd._dk_tile``); ``dq_dp_tile``: only its ``dO Sᵀ`` and ``dO Uᵀ``.
 
@@ -81,7 +81,7 @@ def gate_cotangent(x: dict, do: torch.Tensor, ds: torch.Tensor, f) -> list[float
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--emulate", choices=tuple(SCOPES), help="bf16 matmul operands in this scope (CPU interpreter)")
-    ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec, e.g. gate_dk=f32")
+    ap.add_argument("--tuning", default="", help="a DELTA_PRODUCT_TUNING spec, e.g. gate_dk=input")
     ap.add_argument("--record", help="append this run to the runs of this JSON file")
     args = ap.parse_args()
     TUNING.update(args.tuning)

@@ -32,7 +32,7 @@ def specialization(args: tuple) -> tuple | None:
     spec = []
     for a in args:
         if isinstance(a, Tensor):
-            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+            spec.append(_tensor_key(a))
         elif a is None or isinstance(a, bool):
             spec.append(a)
         elif isinstance(a, int):
@@ -44,10 +44,15 @@ def specialization(args: tuple) -> tuple | None:
     return tuple(spec)
 
 
+def _tensor_key(t: Tensor) -> tuple:
+    """What Triton specializes a tensor argument on: its dtype and 16-byte alignment."""
+    return t.dtype, t.data_ptr() % 16 == 0
+
+
 def _keyword_key(v):
-    """A keyword argument in a launch key: a tensor by dtype and alignment (``str`` of a CUDA tensor would
-    copy it to the host), anything else by value."""
-    return (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, Tensor) else v
+    """A keyword argument in a launch key: a tensor by :func:`_tensor_key` (``str`` of a CUDA tensor would copy
+    it to the host), anything else by value."""
+    return _tensor_key(v) if isinstance(v, Tensor) else v
 
 
 def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:

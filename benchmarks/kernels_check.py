@@ -15,7 +15,9 @@ NaN-poisoned (``DELTA_PRODUCT_POISON=1``), so an element no kernel writes fails 
    states, dtypes and scales: forward and backward always, double backward and jvp on one in 20 (cotangents
    and directions drawn from the case's seed); in
    two cases of three the chunk scans run in 2, 3, 5 or up to 16 groups (``Tuning.scan_groups`` with
-   ``group_min_chunks = 1``; the fuzz shapes are too short for the default to group them).
+   ``group_min_chunks = 1``; the fuzz shapes are too short for the default to group them). ``--fuzz-where
+   gate=True dtype=bfloat16`` runs only the cases that match (numbered as in the full run); ``DELTA_PRODUCT_TUNING``
+   applies to every case; ``--fuzz-second`` checks double backward and jvp on every case.
 
 Relative errors ``‖x − ref‖ / ‖ref‖`` per tensor; tolerances: float32 1e-4, bf16 4e-2
 (bf16 rounding of the intermediates, not of the inputs: the reference uses the same rounded
@@ -24,8 +26,8 @@ on the same inputs, cotangents and directions (its double backward and jvp too);
 when its error is at most twice that plain bf16 implementation's. Writes ``kernels_check.json``
 and prints a summary last.
 
-    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--shapes I ...] [--gates off on]
-        [--out DIR]
+    python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--fuzz-where KEY=VALUE ...]
+        [--fuzz-second] [--shapes I ...] [--gates off on] [--out DIR]
 """
 from __future__ import annotations
 
@@ -178,13 +180,23 @@ def fuzz_case(rng):
     return cfg
 
 
+def matches(case, where):
+    """Whether the fuzz ``case`` has every ``KEY=VALUE`` of ``where`` (values compared as printed, dtypes by name)."""
+    shown = {k: str(v)[6:] if isinstance(v, torch.dtype) else str(v) for k, v in case.items()}
+    return all(shown.get(k) == v for k, v in (w.split("=", 1) for w in where))
+
+
 def _fuzz_slice(args):
-    n, seed, lo, hi = args
+    n, seed, lo, hi, where, second = args
     rng = random.Random(seed)
-    cases = [fuzz_case(rng) for _ in range(n)][lo:hi]
+    cases = [dict(c, second=c["second"] or second) for c in [fuzz_case(rng) for _ in range(n)][lo:hi]]
+    base = os.environ.get("DELTA_PRODUCT_TUNING", "")
     out, fails = [], []
     for i, c in enumerate(cases, lo):
-        TUNING.load(f"scan_groups={c['groups']},group_min_chunks=1" if c["groups"] else "")
+        if not matches(c, where):
+            continue
+        groups = f"scan_groups={c['groups']},group_min_chunks=1" if c["groups"] else ""
+        TUNING.load(",".join(filter(None, (base, groups))))
         x = make_inputs(c["B"], c["T"], c["H"], c["K"], c["V"], c["n_h"], dtype=c["dtype"], gate=c["gate"],
                         h0=c["h0"], correlated=c["correlated"], beta_max=c["beta_max"], seed=c["seed"])
         try:
@@ -210,9 +222,10 @@ def _fuzz_slice(args):
     return out, fails
 
 
-def run_fuzz(n, seed=0, workers=8):
-    """``n`` random cases in ``workers`` processes (the GPU work per case is tiny)."""
-    bounds = [(n, seed, n * w // workers, n * (w + 1) // workers) for w in range(workers)]
+def run_fuzz(n, seed=0, workers=8, where=(), second=False):
+    """``n`` random cases (those that :func:`matches` ``where``; with ``second``, every one's double backward and jvp
+    checked) in ``workers`` processes (the GPU work per case is tiny)."""
+    bounds = [(n, seed, n * w // workers, n * (w + 1) // workers, tuple(where), second) for w in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
         parts = pool.map(_fuzz_slice, bounds)
     return [r for p in parts for r in p[0]], [f for p in parts for f in p[1]]
@@ -229,21 +242,29 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="small shapes only")
     ap.add_argument("--fuzz", type=int, default=1000, help="cases per fuzz seed")
     ap.add_argument("--fuzz-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--fuzz-where", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="only the fuzz cases with these fields, e.g. gate=True dtype=bfloat16")
+    ap.add_argument("--fuzz-second", action="store_true", help="double backward and jvp on every fuzz case")
     ap.add_argument("--no-shapes", action="store_true", help="skip the benchmark shapes")
     ap.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default all)")
     ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"],
                     help="gate settings of the benchmark-shape rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    fields = fuzz_case(random.Random(0)).keys()
+    for w in args.fuzz_where:
+        if "=" not in w or w.split("=", 1)[0] not in fields:
+            ap.error(f"--fuzz-where {w!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [(2, 300, 4, 128), (1, 257, 2, 64)] if args.smoke else [SHAPES[i] for i in args.shapes or range(3)]
     t0 = time.time()
-    cfgs = [(2, H, D, D, n_h, gate, h0, dt, True) for (_, _, H, D) in shapes + [(1, 1, 2, 128), (1, 1, 2, 64)]
+    benchmark = [] if args.no_shapes else shapes + [(1, 1, 2, 128), (1, 1, 2, 64)]
+    cfgs = [(2, H, D, D, n_h, gate, h0, dt, True) for (_, _, H, D) in benchmark
             for n_h in (1, 2, 3) for gate in (False, True) for h0 in (False, True)
             for dt in (torch.bfloat16, torch.float32)]
     rng = random.Random(0)
-    cfgs += [(2, 2, c["K"], c["V"], c["n_h"], c["gate"], c["h0"], c["dtype"], c["second"])
-             for c in (fuzz_case(rng) for _ in range(args.fuzz))]
+    cfgs += [(2, 2, c["K"], c["V"], c["n_h"], c["gate"], c["h0"], c["dtype"], c["second"] or args.fuzz_second)
+             for c in (fuzz_case(rng) for _ in range(args.fuzz)) if matches(c, args.fuzz_where)]
     res = dict(env_info(), poisoned=True, tolerances={str(k)[6:]: v for k, v in TOL.items()},
                precompile_errors=precompile(cfgs, workers=15))
     res["precompile_s"] = time.time() - t0
@@ -258,10 +279,11 @@ def main():
     t1 = time.time()
     fz, fails = [], []
     for seed in args.fuzz_seeds:
-        part, part_fails = run_fuzz(args.fuzz, seed)
+        part, part_fails = run_fuzz(args.fuzz, seed, where=args.fuzz_where, second=args.fuzz_second)
         fz += [dict(r, fuzz_seed=seed) for r in part]
         fails += [dict(r, fuzz_seed=seed) for r in part_fails]
-    res.update(fuzz_cases=len(fz), fuzz_failures=fails, fuzz_s=time.time() - t1, fuzz=fz)
+    res.update(fuzz_where=args.fuzz_where, fuzz_second=args.fuzz_second, fuzz_cases=len(fz), fuzz_failures=fails,
+               fuzz_s=time.time() - t1, fuzz=fz)
     print(f"fuzz: {len(fz)} cases, {len(fails)} failures, {res['fuzz_s']:.0f}s", flush=True)
     _save(res, args.out)
     rows = res["benchmark_shapes"] = []

@@ -404,11 +404,8 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
     common = dict(H=H, K=K, V=V, NH=c["NH"], CT=c["CT"], BT=BT, DOT=c["DOT"], PREC=c["PREC"])
     dev, f32 = q.device, torch.float32
-    # dtype of dU_loc, dU, dW and the dk partial. With a gate they stay float32: dG adds terms of the
-    # dqkw and wy_bwd kernels that cancel, and 16-bit intermediates left dG with O(1) relative error
-    # at short T on an H100.
     use_g = G is not None
-    mid = q.dtype if TUNING.bwd_store == "input" and not use_g else f32
+    mid = q.dtype if TUNING.bwd_store == "input" else f32  # of dU_loc, dU, dW and the dk partial
     gp = G if use_g else beta
     do = do.contiguous()
     fuse = TUNING.on("fuse_dv", q.dtype)

@@ -250,7 +250,7 @@ def tangent_launch(c: dict, kernel: str, dtype: torch.dtype, gate: bool = False)
     """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
     :func:`~kernels.delta_product.chunk_fwd.launch_config`, with or without a ``gate``
     (:meth:`~kernels.delta_product.utils.Tuning.tangent_launch`)."""
-    warps, tile = TUNING.tangent_launch(kernel, dtype, gate)
+    warps, tile = TUNING.tangent_launch(kernel, dtype, gate, full_queries=c["BQ"] == c["BT"])
     return warps, min(c["BK"], tile), min(c["BVP"], tile)
 
 

@@ -35,13 +35,19 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: tiles, ``wy`` at 4 warps; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
 #: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
 TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5), "out": (4, 0.5)}
-#: with a gate (its terms add accumulators), chosen by compiled registers and spills
-#: (``benchmarks/results/kernels_resources.json``): bf16 ``dqkw`` at 8 warps and quarter tiles spills 0–152
-#: bytes a thread instead of 2.0–2.3 KB, ``wy`` 240 instead of 496–544; float32 ``dqkw`` 648 instead of 1016.
-#: Timed as a whole (``kernels_hvp_modes_gate.json``), not against other tables; for the float32 HVP at
-#: n_h = 2 each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
-TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (8, 0.25), "wy": (8, 0.25)}
+#: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
+#: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
+#: tiles against 2.27 at 8, ``wy`` 2.29 at 4 warps and half tiles against 2.44 at 8 and quarter, ``dv`` 0.21 at half
+#: tiles against 0.25. With 64 query rows a chunk (n_h = 1) ``dqkw`` takes 8 warps (:data:`GATE_DQKW_FULL_WARPS`).
+#: Float32 (chosen by compiled registers and spills, ``benchmarks/results/kernels_resources.json``):
+#: ``dqkw`` at 8 warps and quarter tiles spills 648 bytes a thread instead of 1016. For the float32 HVP at n_h = 2
+#: each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
+TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "wy": (4, 0.5), "dv": (4, 0.5)}
 TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25)}
+#: warps of the gated bf16 ``dqkw`` tangent when a chunk has as many query rows as micro-steps (n_h = 1), where its
+#: ``[BQ, BT]`` accumulators double: on an H100 it took 1.96 ms at 4 warps against 1.28 at 8
+#: (``kernels_knobs_gate_launch_hvp.json`` against ``kernels_knobs_gate_store_hvp.json``)
+GATE_DQKW_FULL_WARPS = 8
 
 
 @dataclass
@@ -121,9 +127,12 @@ class Tuning:
             memory access at K = V = 64, n_h = 4 with Triton 3.6, so ``"on"`` and ``"f32"`` are refused.
         bv_fused: value columns per program of ``scan_h`` when it forms the output (``fuse_out``); the other
             scans take ``bv_scan``.
-        bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW`` and the partial ``dK``:
-            ``"f32"``, or ``"input"`` (the input dtype: half the bytes for bf16 inputs; without a gate
-            only, since the gate cotangent cancels terms computed from them).
+        bwd_store: dtype of the backward's intermediates ``dU_loc, dU, dW``, the partial ``dK`` and their tangents:
+            ``"f32"``, or ``"input"`` (default: the input dtype, half the bytes for bf16 inputs). With a gate the
+            gate cotangent's terms from them cancel at short sequences; with ``gate_dk = "split"`` 16-bit copies
+            pass the gated bf16 fuzz (seeds 0 and 1, 506 cases, double backward and jvp on each: 0 failures,
+            ``benchmarks/results/kernels_check_fuzz_gate_store.json``) and take gated bf16 fwd+bwd and HVP 10–11 %
+            faster on an H100 (``kernels_knobs_gate_store_d128.json``, ``_hvp.json``; before, a gate kept float32).
         wy_late: the schedule of ``wy_bwd``: ``"on"``, ``dX = Tᵀ dW`` only in its second loop over ``K``
             (where ``dK`` needs it anyway; its ``dβ``, ``dG`` terms there too) and ``dK ⊇ (dC + dCᵀ) K`` as
             one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),
@@ -266,15 +275,19 @@ class Tuning:
         at n_h = 2)."""
         return self.stages_dh or (self.stages_scan if dtype.itemsize == 2 else 1)
 
-    def tangent_launch(self, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int]:
+    def tangent_launch(self, kernel: str, dtype: torch.dtype, gate: bool = False,
+                       full_queries: bool = False) -> tuple[int, int]:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
         ``warps_dual`` and ``block_dual`` where set, else the table's for ``dtype`` and ``gate``
         (:data:`TANGENT_LAUNCH`, :data:`TANGENT_LAUNCH_F32`, :data:`TANGENT_LAUNCH_GATE`,
-        :data:`TANGENT_LAUNCH_GATE_F32`)."""
+        :data:`TANGENT_LAUNCH_GATE_F32`; :data:`GATE_DQKW_FULL_WARPS` with ``full_queries``, as many query rows a
+        chunk as micro-steps)."""
         wide = dtype.itemsize > 2
         table = ((TANGENT_LAUNCH_GATE_F32 if wide else TANGENT_LAUNCH_GATE) if gate
                  else (TANGENT_LAUNCH_F32 if wide else TANGENT_LAUNCH))
         warps, share = table[kernel]
+        if gate and not wide and kernel == "dqkw" and full_queries:
+            warps = GATE_DQKW_FULL_WARPS
         return self.warps_dual or warps, self.block_dual or int(self.tile(dtype) * share)
 
     def prep_warps(self, dtype: torch.dtype) -> int:

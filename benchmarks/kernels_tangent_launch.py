@@ -5,8 +5,8 @@ bf16 or float32 (``--dtype``; ``--nh``, default 2), profiled (torch.profiler) un
 ``warps_dual ∈ {4, 8}``, ``block_dual ∈ {half, full}`` (of ``Tuning.tile``; with a gate also a quarter) and
 ``bv_dual ∈ {32, 64}``; per tangent kernel, its CUDA time in each, and the fastest choice. ``TANGENT_LAUNCH``
 (``TANGENT_LAUNCH_GATE`` with a gate, ``_F32`` for float32) in ``kernels/delta_product/utils.py`` holds those
-choices; the first row is the defaults (with
-``DELTA_PRODUCT_TUNING``, which every row starts from). Writes ``kernels_tangent_launch[_gate][_float32].json``.
+choices; the first row is the defaults (with ``DELTA_PRODUCT_TUNING``, which every row starts from). Writes
+``kernels_tangent_launch[_gate][_float32].json``.
 
     python benchmarks/kernels_tangent_launch.py [--nh 2] [--dtype bfloat16] [--gate] [--out DIR]
 """
@@ -34,7 +34,8 @@ def save(args: argparse.Namespace, rows: list[dict], path: str) -> dict:
     swept = [r for r in rows if r["spec"] != "defaults"]
     best = {k: min((r["kernels"][k], r["spec"]) for r in swept if k in r["kernels"]) for k in rows[0]["kernels"]
             if swept}
-    res = dict(env_info(), base=os.environ.get("DELTA_PRODUCT_TUNING", ""), shape=[B, T, H, D], dtype=args.dtype, n_h=args.nh, gate=args.gate, rows=rows, fastest=best)
+    res = dict(env_info(), base=os.environ.get("DELTA_PRODUCT_TUNING", ""), shape=[B, T, H, D], dtype=args.dtype,
+               n_h=args.nh, gate=args.gate, rows=rows, fastest=best)
     os.makedirs(args.out, exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

@@ -131,9 +131,10 @@ class Tuning:
             ``"f32"``, or ``"input"`` (default: the input dtype, half the bytes for bf16 inputs). With a gate the
             gate cotangent's terms from them cancel at short sequences; with ``gate_dk = "split"`` 16-bit copies
             pass the gated bf16 fuzz (seeds 0 and 1, 506 cases, double backward and jvp on each: 0 failures,
-            ``benchmarks/results/kernels_check_fuzz_gate_store.json``; all dtypes: ``kernels_check_fuzz_gate_mid.json``).
-            On an H100 at (4, 4096, 16, 128) float32 ones (a gate's, before) take gated bf16 fwd+bwd 9–13 % and the HVP
-            14–18 % longer at n_h = 1–3 (``kernels_knobs_gate_mid_d128.json``, ``kernels_knobs_gate_mid_hvp.json``).
+            ``benchmarks/results/kernels_check_fuzz_gate_store.json``; every dtype:
+            ``kernels_check_fuzz_gate_mid.json``). On an H100 at (4, 4096, 16, 128) float32 ones (a gate's, before)
+            take gated bf16 fwd+bwd 9–13 % and the HVP 14–18 % longer at n_h = 1–3
+            (``kernels_knobs_gate_mid_d128.json``, ``kernels_knobs_gate_mid_hvp.json``).
         wy_late: the schedule of ``wy_bwd``: ``"on"``, ``dX = Tᵀ dW`` only in its second loop over ``K``
             (where ``dK`` needs it anyway; its ``dβ``, ``dG`` terms there too) and ``dK ⊇ (dC + dCᵀ) K`` as
             one product; ``"off"``, ``dX`` also in the first loop and ``dC K + dCᵀ K``; ``"f32"`` (default),

@@ -38,16 +38,14 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "wy": (4, 0.5), "out":
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``wy`` 2.29 at 4 warps and half tiles against 2.44 at 8 and quarter, ``dv`` 0.21 at half
-#: tiles against 0.25. With 64 query rows a chunk (n_h = 1) ``dqkw`` takes 8 warps (:data:`GATE_DQKW_FULL_WARPS`).
+#: tiles against 0.25. ``dqkw_full``: ``dqkw`` with as many query rows a chunk as micro-steps (n_h = 1), where its
+#: ``[BQ, BT]`` accumulators double: 8 warps, 1.28 ms against 1.96 at 4 on an H100
+#: (``kernels_knobs_gate_store_hvp.json`` against ``kernels_knobs_gate_launch_hvp.json``).
 #: Float32 (chosen by compiled registers and spills, ``benchmarks/results/kernels_resources.json``):
 #: ``dqkw`` at 8 warps and quarter tiles spills 648 bytes a thread instead of 1016. For the float32 HVP at n_h = 2
 #: each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
-TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "wy": (4, 0.5), "dv": (4, 0.5)}
+TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "wy": (4, 0.5), "dv": (4, 0.5)}
 TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25)}
-#: warps of the gated bf16 ``dqkw`` tangent when a chunk has as many query rows as micro-steps (n_h = 1), where its
-#: ``[BQ, BT]`` accumulators double: on an H100 it took 1.96 ms at 4 warps against 1.28 at 8
-#: (``kernels_knobs_gate_launch_hvp.json`` against ``kernels_knobs_gate_store_hvp.json``)
-GATE_DQKW_FULL_WARPS = 8
 
 
 @dataclass
@@ -282,14 +280,12 @@ class Tuning:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
         ``warps_dual`` and ``block_dual`` where set, else the table's for ``dtype`` and ``gate``
         (:data:`TANGENT_LAUNCH`, :data:`TANGENT_LAUNCH_F32`, :data:`TANGENT_LAUNCH_GATE`,
-        :data:`TANGENT_LAUNCH_GATE_F32`; :data:`GATE_DQKW_FULL_WARPS` with ``full_queries``, as many query rows a
-        chunk as micro-steps)."""
+        :data:`TANGENT_LAUNCH_GATE_F32`); with ``full_queries`` (as many query rows a chunk as micro-steps) the
+        table's ``<kernel>_full`` entry where it has one."""
         wide = dtype.itemsize > 2
         table = ((TANGENT_LAUNCH_GATE_F32 if wide else TANGENT_LAUNCH_GATE) if gate
                  else (TANGENT_LAUNCH_F32 if wide else TANGENT_LAUNCH))
-        warps, share = table[kernel]
-        if gate and not wide and kernel == "dqkw" and full_queries:
-            warps = GATE_DQKW_FULL_WARPS
+        warps, share = table.get(f"{kernel}_full", table[kernel]) if full_queries else table[kernel]
         return self.warps_dual or warps, self.block_dual or int(self.tile(dtype) * share)
 
     def prep_warps(self, dtype: torch.dtype) -> int:

@@ -297,29 +297,44 @@ def _dx_block(b_T, b_tT, b_k, b_tk, b_dw, b_tdw, b_f, b_tf, g_i, tg_i, b_tdb, b_
     return b_tdx * b_f[:, None] + b_dx * b_tf[:, None], b_tdb, b_tdg
 
 
+@triton.jit
+def _dk_block(k, tk, dW, tdW, tdk_in, b_T, b_tT, b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, o_k, rows, n_i, m_i, i_h, i_bh,
+              N, H, K: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One key block: ``K``, ``K̇`` and the part ``dK̇_in + diag(f) dẊ + diag(ḟ) dX`` of ``dK̇``, and ``b_tdb``,
+    ``b_tdg`` with ``dX``'s terms (:func:`_dx_block`). The caller adds ``(dĊ + dĊᵀ) K + (dC + dCᵀ) K̇``."""
+    m_k = o_k < K
+    b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, m_k)
+    b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, m_k)
+    b_tdkk, b_tdb, b_tdg = _dx_block(b_T, b_tT, b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, m_k),
+                                     load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_f, b_tf, g_i, tg_i,
+                                     b_tdb, b_tdg, USE_G, DOT, PREC)
+    return b_k, b_tk, b_tdkk + load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, m_k), b_tdb, b_tdg
+
+
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW, tdU, tdk_in, tdk, tdv, tdbeta, tdG,
                           DC, tDC, T, N, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                           BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
                           USE_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``Σ_j dA_ij (K Kᵀ)_ij = Σ_d K_id (dA K)_id`` in ``dβ``. With
-    a gate: ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
-    ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dA ⊙ A`` off the token blocks,
-    whose tangents need ``K Kᵀ`` and ``K̇ Kᵀ``.
+    """``d(dA) = −(Ṫᵀ dT Tᵀ + Tᵀ (dṪ Tᵀ + dT Ṫᵀ))``; ``dβ`` gets the row sums of ``dA ⊙ K Kᵀ``, whose tangent
+    ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` is formed once ``dA`` is (``K Kᵀ`` and ``K̇ Kᵀ`` in a loop of their own, after
+    ``dT`` and ``dṪ`` die), and ``dK`` gets ``(dC + dCᵀ) K`` (``dC = diag(β) dA``) and its tangent. With a gate:
+    ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
+    ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dC ⊙ K Kᵀ`` off the token
+    blocks. ``T`` and ``Ṫ`` are held in the ``DOT`` dtype: they are only matmul operands here.
 
     ``SPLIT`` (``Tuning.wy_split``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
-    loops, which accumulate ``dT`` and ``dṪ`` alone, and ``K Kᵀ``, ``K̇ Kᵀ`` are formed after ``dA``; the program
-    stores ``dC + dCᵀ`` and ``dĊ + dĊᵀ`` (``dC = diag(β) dA``) in ``DC``, ``tDC`` and, as the first partial sums
-    ``tdbeta``, ``tdG``, the row sums of ``dȦ ⊙ K Kᵀ + dA ⊙ (K̇ Kᵀ + K K̇ᵀ)`` (and their ``dG`` terms);
+    loops, which accumulate ``dT`` and ``dṪ`` alone; the program stores ``dC + dCᵀ`` and ``dĊ + dĊᵀ`` in ``DC``,
+    ``tDC`` and its terms of ``dβ̇`` and ``dĠ`` as the first partial sums ``tdbeta``, ``tdG``;
     :func:`wy_cols_tangent_kernel` does the rest, one column tile per program."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
     b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
     if not SPLIT:
-        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
-        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ (gate or SPLIT only; SPLIT: after dA)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ, after dA
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     b_tdg = tl.zeros([BT], dtype=tl.float32)
@@ -331,9 +346,6 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K), b_f, b_tf, DOT, PREC)
         b_dT += dT
         b_tdT += tdT
-        if USE_G and not SPLIT:
-            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-            b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         b_v = load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V)
@@ -348,8 +360,8 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
             b_tdb += tdb
             store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
     if SPLIT:
-        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
-        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
     b_tdT = tl.where(m_A, b_tdT, 0.0)
@@ -360,37 +372,29 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     b_tdA = tl.where(m_A, -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC), 0.0)
     if USE_G:
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
+    for i_k in range(tl.cdiv(K, BKB)):  # K Kᵀ and K̇ Kᵀ only now, when dT and dṪ are dead
+        o_k = i_k * BKB + tl.arange(0, BKB)
+        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
+        b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
+    b_p = b_tdA * b_kk + b_dA * (b_tkk + tl.trans(b_tkk))  # the tangent of dA ⊙ K Kᵀ
+    b_tdb += tl.sum(b_p, 1)
+    if USE_G:  # the tangent of dC ⊙ K Kᵀ (dC = diag(β) dA), whose dG terms are linear in it
+        b_tdg += a_gate_terms(b_p * b_beta[:, None] + b_dA * b_kk * b_tbeta[:, None], o_i, NH)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
+    b_dc += tl.trans(b_dc)
+    b_tdc += tl.trans(b_tdc)
     if SPLIT:
-        store_rows(DC + i_bh * N * BT, b_dc + tl.trans(b_dc), n_i, m_i, BT, o_i, o_i < BT)
-        store_rows(tDC + i_bh * N * BT, b_tdc + tl.trans(b_tdc), n_i, m_i, BT, o_i, o_i < BT)
-        for i_k in range(tl.cdiv(K, BKB)):  # K Kᵀ and K̇ Kᵀ only now, when T, Ṫ, dT and dṪ are dead
-            o_k = i_k * BKB + tl.arange(0, BKB)
-            b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-            b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-            b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
-        b_p = b_tdA * b_kk + b_dA * (b_tkk + tl.trans(b_tkk))  # the tangent of dA ⊙ K Kᵀ
-        b_tdb += tl.sum(b_p, 1)
-        if USE_G:  # tdc ⊙ K Kᵀ + dc ⊙ (K Kᵀ)˙, as below
-            b_tdg += a_gate_terms(b_p * b_beta[:, None] + b_dA * b_kk * b_tbeta[:, None], o_i, NH)
+        store_rows(DC + i_bh * N * BT, b_dc, n_i, m_i, BT, o_i, o_i < BT)
+        store_rows(tDC + i_bh * N * BT, b_tdc, n_i, m_i, BT, o_i, o_i < BT)
     else:
-        if USE_G:  # the tangent of dA ⊙ A, whose dG terms are linear in it
-            b_tdg += a_gate_terms(b_tdc * b_kk + b_dc * (b_tkk + tl.trans(b_tkk)), o_i, NH)
         for i_k in range(tl.cdiv(K, BKB)):
             o_k = i_k * BKB + tl.arange(0, BKB)
-            b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-            b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-            b_tdkk, b_tdb, b_tdg = _dx_block(b_T, b_tT, b_k, b_tk,
-                                             load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                             load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                             b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, USE_G, DOT, PREC)
-            b_tdkk += load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
-            b_dak = mm(b_dA, b_k, DOT, PREC)
-            b_tdak = mm(b_tdA, b_k, DOT, PREC) + mm(b_dA, b_tk, DOT, PREC)
-            b_tdkk += b_tdak * b_beta[:, None] + b_dak * b_tbeta[:, None]
-            b_tdkk += mm(tl.trans(b_tdc), b_k, DOT, PREC) + mm(tl.trans(b_dc), b_tk, DOT, PREC)
-            b_tdb += tl.sum(b_k * b_tdak + b_tk * b_dak, 1)
+            b_k, b_tk, b_tdkk, b_tdb, b_tdg = _dk_block(k, tk, dW, tdW, tdk_in, b_T, b_tT, b_f, b_tf, g_i, tg_i,
+                                                        b_tdb, b_tdg, o_k, rows, n_i, m_i, i_h, i_bh, N, H, K, USE_G,
+                                                        DOT, PREC)
+            b_tdkk += mm(b_tdc, b_k, DOT, PREC) + mm(b_dc, b_tk, DOT, PREC)
             store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
     store_db_dg(tdbeta, tdG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h, T, H, NH, CT, BQ, USE_G)
 
@@ -414,12 +418,8 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
     if i_t < NKT:
         b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
         o_k = i_t * BKB + tl.arange(0, BKB)
-        b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
-        b_tdkk, b_tdb, b_tdg = _dx_block(b_T, b_tT, b_k, b_tk, load_rows(dW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                         load_rows(tdW + i_bh * N * K, n_i, m_i, K, o_k, o_k < K),
-                                         b_f, b_tf, g_i, tg_i, b_tdb, b_tdg, USE_G, DOT, PREC)
-        b_tdkk += load_rows(tdk_in + i_bh * N * K, n_i, m_i, K, o_k, o_k < K)
+        b_k, b_tk, b_tdkk, b_tdb, b_tdg = _dk_block(k, tk, dW, tdW, tdk_in, b_T, b_tT, b_f, b_tf, g_i, tg_i, b_tdb,
+                                                    b_tdg, o_k, rows, n_i, m_i, i_h, i_bh, N, H, K, USE_G, DOT, PREC)
         b_tdkk += mm(load_rows(tDC + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT), b_k, DOT, PREC)
         b_tdkk += mm(load_rows(DC + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT), b_tk, DOT, PREC)
         store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)

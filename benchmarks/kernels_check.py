@@ -197,9 +197,9 @@ def _fuzz_slice(args):
             continue
         groups = f"scan_groups={c['groups']},group_min_chunks=1" if c["groups"] else ""
         TUNING.load(",".join(filter(None, (base, groups))))
-        x = make_inputs(c["B"], c["T"], c["H"], c["K"], c["V"], c["n_h"], dtype=c["dtype"], gate=c["gate"],
-                        h0=c["h0"], correlated=c["correlated"], beta_max=c["beta_max"], seed=c["seed"])
         try:
+            x = make_inputs(c["B"], c["T"], c["H"], c["K"], c["V"], c["n_h"], dtype=c["dtype"], gate=c["gate"],
+                            h0=c["h0"], correlated=c["correlated"], beta_max=c["beta_max"], seed=c["seed"])
             err = first_order(x, c["scale"], c["use_final"], seed=c["seed"])
             if c["second"]:
                 err.update(second_order(x, c["scale"], seed=c["seed"]))
@@ -219,6 +219,9 @@ def _fuzz_slice(args):
         if not r["ok"]:
             fails.append(dict(rec, bad=r["bad"]))
             print("FUZZ FAIL", json.dumps(fails[-1]), flush=True)
+            if "CUDA error" in r["bad"].get("exception", ""):  # the context is lost: this slice's later cases can't run
+                fails.append(dict(case=f"{i + 1}..{hi - 1}", ok=False, bad={"not run": "after a CUDA error"}))
+                break
     return out, fails
 
 

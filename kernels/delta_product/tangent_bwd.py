@@ -383,18 +383,17 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_tdg += a_gate_terms(b_p * b_beta[:, None] + b_dA * b_kk * b_tbeta[:, None], o_i, NH)
     b_dc = b_dA * b_beta[:, None]
     b_tdc = b_tdA * b_beta[:, None] + b_dA * b_tbeta[:, None]
-    b_dc += tl.trans(b_dc)
-    b_tdc += tl.trans(b_tdc)
+    b_dcs, b_tdcs = b_dc + tl.trans(b_dc), b_tdc + tl.trans(b_tdc)  # dC + dCᵀ and its tangent
     if SPLIT:
-        store_rows(DC + i_bh * N * BT, b_dc, n_i, m_i, BT, o_i, o_i < BT)
-        store_rows(tDC + i_bh * N * BT, b_tdc, n_i, m_i, BT, o_i, o_i < BT)
+        store_rows(DC + i_bh * N * BT, b_dcs, n_i, m_i, BT, o_i, o_i < BT)
+        store_rows(tDC + i_bh * N * BT, b_tdcs, n_i, m_i, BT, o_i, o_i < BT)
     else:
         for i_k in range(tl.cdiv(K, BKB)):
             o_k = i_k * BKB + tl.arange(0, BKB)
             b_k, b_tk, b_tdkk, b_tdb, b_tdg = _dk_block(k, tk, dW, tdW, tdk_in, b_T, b_tT, b_f, b_tf, g_i, tg_i,
                                                         b_tdb, b_tdg, o_k, rows, n_i, m_i, i_h, i_bh, N, H, K, USE_G,
                                                         DOT, PREC)
-            b_tdkk += mm(b_tdc, b_k, DOT, PREC) + mm(b_dc, b_tk, DOT, PREC)
+            b_tdkk += mm(b_tdcs, b_k, DOT, PREC) + mm(b_dcs, b_tk, DOT, PREC)
             store_rows(tdk + i_h * K, b_tdkk, rows, m_i, H * K, o_k, o_k < K)
     store_db_dg(tdbeta, tdG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h, T, H, NH, CT, BQ, USE_G)
 

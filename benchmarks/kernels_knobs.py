@@ -1,13 +1,13 @@
 """GPU: launch knobs (``kernels.delta_product.utils.Tuning`` specs) side by side in one process.
 
-For the defaults and each ``--specs`` entry (``DELTA_PRODUCT_TUNING`` format, e.g. ``wy_late=on``), at
-``--shape`` (default (4, 4096, 16, 128)), without a gate or with one (``--gate``), for each dtype and ``n_h``: the time of
-forward+backward, or with ``--hvp`` of a Hessian-vector product (double backward,
+For the defaults and each ``--specs`` entry (``DELTA_PRODUCT_TUNING`` format, e.g. ``wy_late=on``; none: the
+defaults alone), at ``--shape`` (default (4, 4096, 16, 128)), without a gate or with one (``--gate``), for each dtype
+and ``n_h``: the time of forward+backward, or with ``--hvp`` of a Hessian-vector product (double backward,
 ``kernels_common.hvp_fn``), as the median of ``triton.testing.do_bench``; the ratio to the defaults,
 the per-kernel CUDA times of one such call (torch.profiler) and the largest relative difference of
 its result from the defaults' (a spec changes the schedule, not the math). Writes ``--json`` into ``--out``.
 
-    python benchmarks/kernels_knobs.py --specs wy_late=on wy_late=off [--dtypes bfloat16 float32]
+    python benchmarks/kernels_knobs.py [--specs wy_late=on wy_late=off] [--dtypes bfloat16 float32]
         [--nh 3 2 1] [--gate] [--hvp] [--shape B T H D] [--json kernels_knobs.json] [--out DIR]
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def measure(dtype: torch.dtype, n_h: int, specs: list[str], gate: bool = False, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--specs", nargs="+", required=True, help="Tuning specs compared with the defaults")
+    ap.add_argument("--specs", nargs="*", default=[], help="Tuning specs compared with the defaults (none: the defaults)")
     ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"])
     ap.add_argument("--nh", type=int, nargs="+", default=[3, 2, 1])
     ap.add_argument("--gate", action="store_true", help="gated inputs")

@@ -334,8 +334,6 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
         b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ, after dA
-    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
     b_tdg = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):  # dX = Tᵀ dW and its tangent: in the second loop over K
@@ -372,7 +370,9 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     b_tdA = tl.where(m_A, -mm(tl.trans(b_tT), b_dTT, DOT, PREC) - mm(tl.trans(b_T), b_inner, DOT, PREC), 0.0)
     if USE_G:
         b_dA, b_tdA = gate_pair(b_dA, b_tdA, g_i, tg_i, g_i, tg_i, m_A)
-    for i_k in range(tl.cdiv(K, BKB)):  # K Kᵀ and K̇ Kᵀ only now, when dT and dṪ are dead
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # K Kᵀ and K̇ Kᵀ only now, when dT and dṪ are dead
+    b_tkk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BKB)):
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)

@@ -41,8 +41,9 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5)}
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: 4 warps as without a gate, 1.77 against
 #: 1.84 ms at 8 since ``K Kᵀ`` is formed after ``dA``, ``kernels_knobs_wy_tangent_gate_warps.json``). ``dqkw_full``:
-#: ``dqkw`` with as many query rows a chunk as micro-steps (n_h = 1), where its ``[BQ, BT]`` accumulators double: 8 warps, 1.28 ms against 1.96 at 4 on an H100
-#: (``kernels_knobs_gate_store_hvp.json`` against ``kernels_knobs_gate_launch_hvp.json``).
+#: ``dqkw`` with as many query rows a chunk as micro-steps (n_h = 1), where its ``[BQ, BT]`` accumulators double:
+#: 8 warps, 1.28 ms against 1.96 at 4 on an H100 (``kernels_knobs_gate_store_hvp.json`` against
+#: ``kernels_knobs_gate_launch_hvp.json``).
 #: Float32 (chosen by compiled registers and spills, ``benchmarks/results/kernels_resources.json``):
 #: ``dqkw`` at 8 warps and quarter tiles spills 648 bytes a thread instead of 1016. For the float32 HVP at n_h = 2
 #: each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)

@@ -174,14 +174,14 @@ def own_tokens(o_i, m_i, o_t, i_c, T, NH: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
-def gate_cotangent(a_t, b_pp, b_kk, c_l, own, o_t, t_last):
+def gate_cotangent(a_t, pp_t, pp_i, b_kk, c_l, own, o_t, t_last):
     """One key block's part of ``dG`` per token from the terms of chunk ``i_c``: ``a_t = e^{G_t} Σ_d (dO Sᵀ ⊙ Q)``
-    per token, ``b_pp = dP ⊙ P ⊙ E`` (zero within a token), ``b_kk = Σ_d (U dS_{c+1}ᵀ ⊙ K̃)`` per micro-step (zero
-    at the last token) and ``c_l = e^{G_L} Σ (S_c ⊙ dS_{c+1})``: ``G_t`` gets ``a_t + Σ_i b_pp``, micro-step ``i``
-    ``−Σ_t b_pp − b_kk`` (summed into its token) and ``G_L`` ``c_l + Σ_i b_kk``. Linear in the four terms, so
-    their tangents give the tangent of ``dG``."""
-    dg_t = a_t + tl.sum(b_pp, 1)
-    dg_i = -tl.sum(b_pp, 0) - b_kk
+    per token, the row and column sums ``pp_t``, ``pp_i`` of ``dP ⊙ P ⊙ E`` (zero within a token), ``b_kk =
+    Σ_d (U dS_{c+1}ᵀ ⊙ K̃)`` per micro-step (zero at the last token) and ``c_l = e^{G_L} Σ (S_c ⊙ dS_{c+1})``:
+    ``G_t`` gets ``a_t + pp_t``, micro-step ``i`` ``−pp_i − b_kk`` (summed into its token) and ``G_L``
+    ``c_l + Σ_i b_kk``. Linear in the terms, so their tangents give the tangent of ``dG``."""
+    dg_t = a_t + pp_t
+    dg_i = -pp_i - b_kk
     dg_l = c_l + tl.sum(b_kk, 0)
     dg_t += tl.sum(tl.where(own, dg_i[None, :], 0.0), 1)
     return dg_t + tl.where(o_t == t_last, dg_l, 0.0)
@@ -251,6 +251,27 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
                                       load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
                                       load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
                                       b_dqa, b_dp, DOT, PREC)
+    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
+    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    # dQ, then dK and this key block's part of the gate cotangents, each stored when formed
+    if USE_G:
+        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
+        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
+        b_dpm = b_dp * masked_exp(g_t[:, None] - g_i[None, :], m_s)
+        a_t = tl.exp(g_t) * tl.sum(b_dqa * b_q, 1)
+        b_dq = b_dqa * tl.exp(g_t)[:, None] + mm(b_dpm, b_k, DOT, PREC)
+    else:
+        b_dpm = tl.where(m_s, b_dp, 0.0)
+        b_dq = b_dqa + mm(b_dpm, b_k, DOT, PREC)
+    store_rows(dq + i_h * K, b_dq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
+    if USE_G:  # dP ⊙ P as its row and column sums; factors e^{G_a − G_b} with a and b in one token are
+        # identically 1 and are left out (their terms would cancel in rounding)
+        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+        b_dpp = tl.where(own, 0.0, b_dpm * mm(b_q, tl.trans(b_k), DOT, PREC))
+        pp_t, pp_i = tl.sum(b_dpp, 1), tl.sum(b_dpp, 0)
+    b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC)
+    if SPLIT:
         for i_v in range(tl.cdiv(V, BVB)):
             o_v = i_v * BVB + tl.arange(0, BVB)
             m_v = o_v < V
@@ -258,31 +279,15 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
                                     dHs, dHl, h_ptr, o_k, m_k, V, o_v, m_v,
                                     load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, SPLIT_DS, DOT,
                                     PREC)
-    b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
-    b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    if USE_G:
-        g_t = tl.load(G + (i_b * T + t_t) * H + i_h, mask=m_t, other=0.0)
-        g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
+    if USE_G:  # K̃ = diag(e^{G_L − G}) K: its row factors taken out of the sums
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
-        b_e = masked_exp(g_t[:, None] - g_i[None, :], m_s)
-        b_dpm = b_dp * b_e
-        b_kt = b_k * tl.exp(g_l - g_i)[:, None]
-        b_dq = b_dqa * tl.exp(g_t)[:, None] + mm(b_dpm, b_k, DOT, PREC)
-        b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC) + b_dkt * tl.exp(g_l - g_i)[:, None]
-        # partial (this key block) gate cotangents, per token; factors e^{G_a − G_b} with a and b
-        # in one token are identically 1 and are left out (their terms would cancel in rounding)
-        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-        b_dpp = tl.where(own, 0.0, b_dpm * mm(b_q, tl.trans(b_k), DOT, PREC))  # dP ⊙ P, this key block
-        b_dkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_dkt * b_kt, 1))
-        dg_t = gate_cotangent(tl.exp(g_t) * tl.sum(b_dqa * b_q, 1), b_dpp, b_dkk, tl.exp(g_l) * tl.sum(b_hdh, 0),
-                              own, o_t, t_last)
+        e_i = tl.exp(g_l - g_i)
+        b_dkk = tl.where(o_i // NH == t_last, 0.0, e_i * tl.sum(b_dkt * b_k, 1))
+        b_dk += b_dkt * e_i[:, None]
+        dg_t = gate_cotangent(a_t, pp_t, pp_i, b_dkk, tl.exp(g_l) * tl.sum(b_hdh, 0), own, o_t, t_last)
         tl.store(dG + ((i_kb * B + i_b) * T + t_t) * H + i_h, dg_t, mask=m_t)
     else:
-        b_dpm = tl.where(m_s, b_dp, 0.0)
-        b_dq = b_dqa + mm(b_dpm, b_k, DOT, PREC)
-        b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC) + b_dkt
-    store_rows(dq + i_h * K, b_dq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
+        b_dk += b_dkt
     store_rows(dk + i_bh * N * K, b_dk, n_i, m_i, K, o_k, m_k)
 
 

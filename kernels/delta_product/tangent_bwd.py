@@ -31,6 +31,7 @@ from torch import Tensor
 from kernels.delta_product.chunk_fwd import launch_config, launch_scan
 from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, own_tokens, store_db_dg
 from kernels.delta_product.common import (
+    chunk_gate_end,
     causal_mask,
     group_chunks,
     group_end,
@@ -162,15 +163,41 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
     group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, True, SUMMARY)
 
 
+@triton.jit
+def _tdq_tiles(b_do, b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G: tl.constexpr, DOT: tl.constexpr,
+               PREC: tl.constexpr):
+    """One value tile's terms of ``dP = dO Uᵀ``, ``dṖ = dO U̇ᵀ``, ``dO Ṡᵀ`` and, with a gate, ``dO Sᵀ``."""
+    b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
+    b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
+    b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
+    if USE_G:
+        b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
+    return b_dp, b_tdp, b_dqa, b_tdqa
+
+
+@triton.jit
+def _tdk_tiles(b_u, b_tu, b_h, b_th, b_dh, b_tdh, b_dkt, b_tdkt, b_hdh, b_thdh, USE_G: tl.constexpr,
+               DOT: tl.constexpr, PREC: tl.constexpr):
+    """One value tile's terms of the tangent of ``U dS_{c+1}ᵀ`` and, with a gate, of ``U dS_{c+1}ᵀ`` itself and of
+    ``Σ_v S_c ⊙ dS_{c+1}`` and its tangent."""
+    b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
+    if USE_G:
+        b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+        b_hdh += tl.sum(b_h * b_dh, 1)
+        b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
+    return b_dkt, b_tdkt, b_hdh, b_thdh
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, scale, T,
                         N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                         BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                        USE_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
-    ``Σ S ⊙ dS_{c+1}``."""
+    ``Σ S ⊙ dS_{c+1}``. ``SPLIT`` (``Tuning.dqkw_tangent_split``): three loops over ``V`` (``dẆ``; ``dQ̇``'s
+    products; ``dK̇``'s), each re-reading ``S_c``, ``Ṡ_c`` or ``U``, ``U̇``, not one."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -180,9 +207,9 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
     b_dp = tl.zeros([BQ, BT], dtype=tl.float32)
     b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
     b_tdqa = tl.zeros([BQ, BKB], dtype=tl.float32)
+    b_dqa = tl.zeros([BQ, BKB], dtype=tl.float32)  # the gate's terms
     b_tdw = tl.zeros([BT, BKB], dtype=tl.float32)
     b_tdkt = tl.zeros([BT, BKB], dtype=tl.float32)
-    b_dqa = tl.zeros([BQ, BKB], dtype=tl.float32)  # the gate's terms
     b_dkt = tl.zeros([BT, BKB], dtype=tl.float32)
     b_hdh = tl.zeros([BKB], dtype=tl.float32)
     b_thdh = tl.zeros([BKB], dtype=tl.float32)
@@ -190,25 +217,31 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         m_v = o_v < V
-        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
-        b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
         b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
-        b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
-        b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
         b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
                   + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
-        b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
-        if USE_G:
-            b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
-            b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-            b_hdh += tl.sum(b_h * b_dh, 1)
-            b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
+        if not SPLIT:
+            b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
+                                                    b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT,
+                                                    PREC)
+            b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(b_u, b_tu, b_h, b_th,
+                                                      load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
+    if SPLIT:
+        for i_v in range(tl.cdiv(V, BVB)):
+            o_v = i_v * BVB + tl.arange(0, BVB)
+            m_v = o_v < V
+            b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
+                                                    load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                                    load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                    load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                    b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT, PREC)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
@@ -227,22 +260,35 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_tdq = b_tdqa
     b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
     store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
-    if USE_G:
+    if USE_G:  # dṖ ⊙ P + dP ⊙ Ṗ, this key block, as its row and column sums
         own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-        b_kt, b_tkt, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
-        b_tdkk = tl.where(o_i // NH == t_last, 0.0, tl.sum(b_tdkt * b_kt + b_dkt * b_tkt, 1))
-        b_tdk = exp_tangent(b_dkt, b_tdkt, (g_l - g_i)[:, None], (tg_l - tg_i)[:, None])
-    else:
-        b_tdk = b_tdkt
-    b_tdk += mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
-    store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
-    if USE_G:
-        b_s = mm(b_q, tl.trans(b_k), DOT, PREC)
-        b_ts = mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)
-        b_tdpp = tl.where(own, 0.0, b_tdpm * b_s + b_dpm * b_ts)
-        tdg = gate_cotangent(a_t, b_tdpp, b_tdkk, exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own,
-                             o_t, t_last)
+        b_tdpp = tl.where(own, 0.0, b_tdpm * mm(b_q, tl.trans(b_k), DOT, PREC)
+                          + b_dpm * (mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)))
+        tpp_t, tpp_i = tl.sum(b_tdpp, 1), tl.sum(b_tdpp, 0)
+    b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
+    if SPLIT:
+        for i_v in range(tl.cdiv(V, BVB)):
+            o_v = i_v * BVB + tl.arange(0, BVB)
+            m_v = o_v < V
+            b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                                      load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v),
+                                                      load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                      b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
+    if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
+        g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+        a_i, ta_i = g_l - g_i, tg_l - tg_i
+        b_tdkk = tl.where(o_i // NH == t_last, 0.0,
+                          exp_tangent(tl.sum(b_dkt * b_k, 1), tl.sum(b_tdkt * b_k + b_dkt * b_tk, 1), a_i, ta_i))
+        b_tdk += exp_tangent(b_dkt, b_tdkt, a_i[:, None], ta_i[:, None])
+        tdg = gate_cotangent(a_t, tpp_t, tpp_i, b_tdkk,
+                             exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own, o_t, t_last)
         tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
+    else:
+        b_tdk += b_tdkt
+    store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
 
 
 @triton.jit
@@ -484,7 +530,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
            tdk_part, tdW, tdG1 if gate is not None else tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb,
-           num_warps=warps, **common)
+           SPLIT=TUNING.on("dqkw_tangent_split", q.dtype), num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

@@ -211,6 +211,19 @@ def _dk_tile(b_u, dHs, dHl, offset, o_k, m_k, V: tl.constexpr, o_v, m_v, b_h, b_
     return b_dkt, b_hdh
 
 
+@triton.jit
+def _dk_loop(U, dHs, dHl, Hs, h_ptr, i_bh, N, n_i, m_i, o_k, m_k, b_dkt, b_hdh, V: tl.constexpr, BVB: tl.constexpr,
+             USE_G: tl.constexpr, SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_dk_tile` over every value tile (the third loop of ``dqkw``'s split form)."""
+    for i_v in range(tl.cdiv(V, BVB)):
+        o_v = i_v * BVB + tl.arange(0, BVB)
+        m_v = o_v < V
+        b_dkt, b_hdh = _dk_tile(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v), dHs, dHl, h_ptr, o_k, m_k, V,
+                                o_v, m_v, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, SPLIT_DS,
+                                DOT, PREC)
+    return b_dkt, b_hdh
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
@@ -251,6 +264,9 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
                                       load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
                                       load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
                                       b_dqa, b_dp, DOT, PREC)
+        if not USE_G:  # with a gate, after dQ is stored (its terms hold more tiles)
+            b_dkt, b_hdh = _dk_loop(U, dHs, dHl, Hs, h_ptr, i_bh, N, n_i, m_i, o_k, m_k, b_dkt, b_hdh, V, BVB,
+                                    USE_G, SPLIT_DS, DOT, PREC)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -271,14 +287,9 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
         b_dpp = tl.where(own, 0.0, b_dpm * mm(b_q, tl.trans(b_k), DOT, PREC))
         pp_t, pp_i = tl.sum(b_dpp, 1), tl.sum(b_dpp, 0)
     b_dk = mm(tl.trans(b_dpm), b_q, DOT, PREC)
-    if SPLIT:
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            m_v = o_v < V
-            b_dkt, b_hdh = _dk_tile(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                    dHs, dHl, h_ptr, o_k, m_k, V, o_v, m_v,
-                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v), b_dkt, b_hdh, USE_G, SPLIT_DS, DOT,
-                                    PREC)
+    if SPLIT and USE_G:
+        b_dkt, b_hdh = _dk_loop(U, dHs, dHl, Hs, h_ptr, i_bh, N, n_i, m_i, o_k, m_k, b_dkt, b_hdh, V, BVB, USE_G,
+                                SPLIT_DS, DOT, PREC)
     if USE_G:  # K̃ = diag(e^{G_L − G}) K: its row factors taken out of the sums
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
         e_i = tl.exp(g_l - g_i)

@@ -192,12 +192,11 @@ def _tdk_tiles(b_u, b_tu, b_h, b_th, b_dh, b_tdh, b_dkt, b_tdkt, b_hdh, b_thdh, 
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, scale, T,
                         N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                         BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                        USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
-    ``Σ S ⊙ dS_{c+1}``. ``SPLIT`` (``Tuning.dqkw_tangent_split``): three loops over ``V`` (``dẆ``; ``dQ̇``'s
-    products; ``dK̇``'s), each re-reading ``S_c``, ``Ṡ_c`` or ``U``, ``U̇``, not one."""
+    ``Σ S ⊙ dS_{c+1}``."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -221,27 +220,16 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
                   + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
-        if not SPLIT:
-            b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
-                                                    b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT,
-                                                    PREC)
-            b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(b_u, b_tu, b_h, b_th,
-                                                      load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
+        b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+        b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+        b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
+                                                b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT,
+                                                PREC)
+        b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(b_u, b_tu, b_h, b_th,
+                                                  load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                  load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
+                                                  b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
-    if SPLIT:
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            m_v = o_v < V
-            b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
-                                                    load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                                    load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                                    load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                    load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                    b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT, PREC)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
@@ -266,17 +254,6 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
                           + b_dpm * (mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)))
         tpp_t, tpp_i = tl.sum(b_tdpp, 1), tl.sum(b_tdpp, 0)
     b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
-    if SPLIT:
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            m_v = o_v < V
-            b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                                      load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                                                      load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                      b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
     if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
         g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
         a_i, ta_i = g_l - g_i, tg_l - tg_i
@@ -530,7 +507,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
            tdk_part, tdW, tdG1 if gate is not None else tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb,
-           SPLIT=TUNING.on("dqkw_tangent_split", q.dtype), num_warps=warps, **common)
+           num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

@@ -150,8 +150,6 @@ class Tuning:
             ``"off"`` or ``"f32"``. Float32 spills 0.25–0.7 instead of 0.9–1.1 KB a thread; on an H100 at n_h = 2
             ``dqkw`` takes 1.66 instead of 2.75 ms in float32 and 0.50 instead of 0.58 in bf16
             (``benchmarks/results/kernels_f32_splits.json``).
-        dqkw_tangent_split: the same for the tangent ``dqkw`` (``dẆ``; the products of ``dQ̇``, stored before;
-            those of ``dK̇``): ``"on"``, ``"off"`` (default), ``"f32"`` or ``"bf16"``.
         wy_split: the tangent of ``wy_bwd`` as two kernels, ``"on"``, ``"off"`` or ``"f32"`` (default: on for
             float32 inputs): one program per chunk forms ``dA``, ``dȦ`` and stores ``dC + dCᵀ`` and its tangent
             (``dC = diag(β) dA``), then one program per (chunk, key or value tile) forms the tangents of ``dK``,
@@ -224,7 +222,6 @@ class Tuning:
     scan_split: str = "f32"
     wy_split: str = "f32"
     dqkw_split: str = "on"
-    dqkw_tangent_split: str = "off"
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
@@ -253,7 +250,7 @@ class Tuning:
 
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
-        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``dqkw_tangent_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
+        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
     def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
@@ -321,8 +318,7 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
-                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "dqkw_tangent_split",
-                                          "fuse_out", "fuse_dv")),
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),

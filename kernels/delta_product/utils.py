@@ -31,12 +31,12 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: (``kernels_wy_schedule_new.json``; 4 warps for every dtype and gate now).
 #: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
-TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (4, 0.5),
+TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (4, 0.25),
                   "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
 #: tiles; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
 #: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5)}
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5), "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: 4 warps as without a gate, 1.77 against

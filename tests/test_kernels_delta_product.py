@@ -227,12 +227,13 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 32)
     assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
     # TANGENT_LAUNCH_GATE(_F32): the gated bf16 dqkw at quarter tiles (8 warps with a full chunk of queries); the
-    # float32 dqkw at 8 warps and quarter tiles; the rest as without (wy: 4 warps and half tiles everywhere)
+    # float32 dqkw at 8 warps and quarter tiles; the rest as without (wy: 4 warps and 32 columns everywhere)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, gate=True) == (4, 32)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, gate=True, full_queries=True) == (8, 32)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, full_queries=True) == (4, 128)
-    assert Tuning().tangent_launch("wy", torch.bfloat16, gate=True) == (4, 64) == Tuning().tangent_launch(
-        "dv", torch.bfloat16, gate=True) == Tuning().tangent_launch("wy", torch.bfloat16)
+    assert Tuning().tangent_launch("dv", torch.bfloat16, gate=True) == (4, 64)
+    assert Tuning().tangent_launch("wy", torch.bfloat16, gate=True) == (4, 32) == Tuning().tangent_launch(
+        "wy", torch.bfloat16) == Tuning().tangent_launch("wy", torch.float32, gate=True)
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     bf16, f32 = torch.bfloat16, torch.float32

@@ -230,8 +230,8 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
                 BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
                 SPLIT: tl.constexpr, SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks. ``SPLIT``
-    (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``), not one.
-    ``SPLIT_DS``: ``dS_{c+1}`` read as two bf16 halves (:func:`_dk_tile`, ``Tuning.gate_dk``)."""
+    (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``, with a gate once
+    ``dQ`` is stored and ``dP ⊙ P`` summed), not one. ``SPLIT_DS``: ``dS_{c+1}`` read as two bf16 halves (:func:`_dk_tile`, ``Tuning.gate_dk``)."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)

@@ -163,31 +163,6 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
     group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, True, SUMMARY)
 
 
-@triton.jit
-def _tdq_tiles(b_do, b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G: tl.constexpr, DOT: tl.constexpr,
-               PREC: tl.constexpr):
-    """One value tile's terms of ``dP = dO Uᵀ``, ``dṖ = dO U̇ᵀ``, ``dO Ṡᵀ`` and, with a gate, ``dO Sᵀ``."""
-    b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
-    b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
-    b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
-    if USE_G:
-        b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
-    return b_dp, b_tdp, b_dqa, b_tdqa
-
-
-@triton.jit
-def _tdk_tiles(b_u, b_tu, b_h, b_th, b_dh, b_tdh, b_dkt, b_tdkt, b_hdh, b_thdh, USE_G: tl.constexpr,
-               DOT: tl.constexpr, PREC: tl.constexpr):
-    """One value tile's terms of the tangent of ``U dS_{c+1}ᵀ`` and, with a gate, of ``U dS_{c+1}ᵀ`` itself and of
-    ``Σ_v S_c ⊙ dS_{c+1}`` and its tangent."""
-    b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
-    if USE_G:
-        b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-        b_hdh += tl.sum(b_h * b_dh, 1)
-        b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
-    return b_dkt, b_tdkt, b_hdh, b_thdh
-
-
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, scale, T,
                         N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
@@ -222,13 +197,19 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
                   + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
         b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
         b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_dp, b_tdp, b_dqa, b_tdqa = _tdq_tiles(load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v),
-                                                b_u, b_tu, b_h, b_th, b_dp, b_tdp, b_dqa, b_tdqa, USE_G, DOT,
-                                                PREC)
-        b_dkt, b_tdkt, b_hdh, b_thdh = _tdk_tiles(b_u, b_tu, b_h, b_th,
-                                                  load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                  load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v),
-                                                  b_dkt, b_tdkt, b_hdh, b_thdh, USE_G, DOT, PREC)
+        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
+        b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
+        b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
+        b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
+        if USE_G:
+            b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
+        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
+        if USE_G:
+            b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+            b_hdh += tl.sum(b_h * b_dh, 1)
+            b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale

@@ -28,19 +28,21 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``tangent_bwd``) for 16-bit inputs, the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
 #: ``wy`` at 4 warps since it holds ``T``, ``Ṫ`` in bf16 and forms ``K Kᵀ`` after ``dA``: 1.36 against 1.42 ms at 8
-#: (``kernels_wy_schedule_new.json``; 4 warps for every dtype and gate now).
+#: (``kernels_wy_schedule_new.json``; 4 warps for every dtype and gate now), and at quarter tiles (32 columns, as
+#: float32's half tiles): 1.29 against 1.77 ms gated, 1.03 against 1.36 ungated at n_h = 2 (``kernels_wy_quarter.json``
+#: against ``kernels_dqkw_gate2_old.json``, one machine; ``kernels_tangent_launch_gate_nh3_dqkw_epilogue.json``).
 #: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
-TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0), "wy": (4, 0.25),
-                  "wy_cols": (4, 0.5)}
+TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0),
+                  "wy": (4, 0.25), "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
-#: tiles; ``out`` (not in that run: the HVP skips it) at half tiles, where its key loop
-#: spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
+#: tiles; ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
+#: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
 TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5), "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
-#: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: 4 warps as without a gate, 1.77 against
-#: 1.84 ms at 8 since ``K Kᵀ`` is formed after ``dA``, ``kernels_knobs_wy_tangent_gate_warps.json``). ``dqkw_full``:
+#: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: as without a gate; at half tiles 1.77 ms
+#: against 1.84 at 8 warps, ``kernels_knobs_wy_tangent_gate_warps.json``). ``dqkw_full``:
 #: ``dqkw`` with as many query rows a chunk as micro-steps (n_h = 1), where its ``[BQ, BT]`` accumulators double:
 #: 8 warps, 1.28 ms against 1.96 at 4 on an H100 (``kernels_knobs_gate_store_hvp.json`` against
 #: ``kernels_knobs_gate_launch_hvp.json``).

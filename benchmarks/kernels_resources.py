@@ -12,6 +12,10 @@ code, so a short sequence stands in for the benchmark shapes (at their first sha
 ``Tuning.fuse_min_programs`` depends); divisibility specialisation of integer
 arguments is not modelled (pointers are taken as 16-byte aligned, as a GPU launch sees them).
 
+Each row also carries ``code``, a hash of the kernel's PTX instructions (debug sections, line records and
+labels left out): two trees whose rows give the same ``code`` build the same machine code, so a refactor can be
+shown to change nothing the GPU runs, and timings and checks of one tree hold for the other.
+
 A kernel that compiles here may still fail on a GPU at run time (an illegal memory access is not a
 compile-time error), and registers do not give times: this is a check before a GPU run, not instead.
 
@@ -20,6 +24,7 @@ compile-time error), and registers do not give times: this is a check before a G
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -67,6 +72,14 @@ def signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     return sig, consts, attrs
 
 
+def code_hash(ptx: str) -> str:
+    """A short hash of the instructions of ``ptx``: without its debug sections, ``.loc`` / ``.file`` records,
+    comments and the ``$L__tmp`` labels that mark inlined calls for the debugger."""
+    code = re.split(r"\.section\s+\.debug", ptx)[0]
+    kept = (line for line in code.splitlines() if not line.strip().startswith((".loc", ".file", "//", "$L__tmp")))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
+
+
 def cubin_usage(cubin: bytes, name: str) -> dict:
     """Registers per thread and stack frame bytes (spills) of the function ``name`` in a cubin, by
     ``cuobjdump -res-usage``."""
@@ -99,7 +112,7 @@ class Compiler:
         name = kernel.fn.__name__
         self.rows.append(dict(kernel=name, warps=num_warps, stages=stages, shared=ck.metadata.shared,
                               fits=ck.metadata.shared <= MAX_SHARED, compile_s=round(time.time() - start, 1),
-                              **cubin_usage(ck.asm["cubin"], name)))
+                              code=code_hash(ck.asm["ptx"]), **cubin_usage(ck.asm["cubin"], name)))
 
 
 def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int) -> list[dict]:
@@ -144,11 +157,11 @@ def main() -> None:
                                 for row in compile_all(getattr(torch, dtype), n_h, gate == "on", args.D)],
                        args.out, args.json, target="sm_90a (H100), compiled ahead of time", D=args.D)
     print(f"{'dtype':>8} {'n_h':>3} {'gate':>5} {'kernel':>24} {'warps':>5} {'stages':>6} {'regs':>4} "
-          f"{'spill B':>7} {'shared KB':>9}")
+          f"{'spill B':>7} {'shared KB':>9} {'code':>12}")
     for r in res["rows"]:
         flag = "" if r["fits"] else "  does not fit"
         print(f"{r['dtype']:>8} {r['n_h']:>3} {str(r['gate']):>5} {r['kernel']:>24} {r['warps']:>5} {r['stages']:>6} "
-              f"{r['regs']:>4} {r['stack']:>7} {r['shared'] / 1024:9.1f}{flag}")
+              f"{r['regs']:>4} {r['stack']:>7} {r['shared'] / 1024:9.1f} {r['code']:>12}{flag}")
 
 
 if __name__ == "__main__":

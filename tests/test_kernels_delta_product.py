@@ -220,7 +220,8 @@ def test_tuning_spec_is_validated():
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
                     "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
-                    "tangent_tiles=on", "tangent_tiles=f32", "scan_groups=-1", "group_min_chunks=-2"):  # float32 tiles: illegal memory access
+                    "tangent_tiles=on", "tangent_tiles=f32", "scan_groups=-1", "group_min_chunks=-2",  # float32 tiles: illegal memory access
+                    "warps_dual=8,block_dual=16"):  # illegal memory access (float32 gated wy_cols_tangent)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
@@ -233,8 +234,12 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, full_queries=True) == (4, 128)
     assert Tuning().tangent_launch("dv", torch.bfloat16, gate=True) == (4, 64)
     assert Tuning().tangent_launch("wy", torch.bfloat16, gate=True) == (4, 32) == Tuning().tangent_launch(
-        "wy", torch.bfloat16) == Tuning().tangent_launch("wy", torch.float32, gate=True)
+        "wy", torch.bfloat16) == Tuning().tangent_launch("wy", torch.float32)
     assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
+    # float32: the scans at 4 warps, dv at half tiles, and with a gate wy at quarter tiles
+    assert Tuning().tangent_launch("wy", torch.float32, gate=True) == (4, 16)
+    assert Tuning().tangent_launch("scan", torch.float32)[0] == 4 and Tuning().tangent_launch("scan", torch.bfloat16)[0] == 8
+    assert Tuning().tangent_launch("dv", torch.float32) == Tuning().tangent_launch("dv", torch.float32, gate=True) == (4, 32)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)
     bf16, f32 = torch.bfloat16, torch.float32
     assert Tuning().on("wy_late", f32) and not Tuning().on("wy_late", bf16)
@@ -248,8 +253,9 @@ def test_tuning_spec_is_validated():
     assert Tuning().tangent_gate and not Tuning().update("tangent_gate=0").tangent_gate
     assert Tuning().update("wy_late=on").on("wy_late", bf16) and not Tuning().update("wy_late=off").on("wy_late", f32)
     assert Tuning().update("warps_dual=8,block_dual=32").tangent_launch("prep", bf16) == (8, 32)
-    assert Tuning().scan_cols(dual=True) == 64 and Tuning().update("bv_dual=0").scan_cols(True) == Tuning().bv_scan
-    assert Tuning().scan_cols(dual=False) == Tuning().bv_scan
+    assert Tuning().scan_cols(bf16, dual=True) == 64 and Tuning().scan_cols(f32, dual=True) == Tuning().bv_scan
+    assert Tuning().update("bv_dual=64").scan_cols(f32, True) == 64
+    assert Tuning().scan_cols(bf16) == Tuning().scan_cols(f32) == Tuning().bv_scan
     for knob in ("fuse_out", "fuse_dv", "tangent_tiles"):  # "bf16": 16-bit inputs only
         assert Tuning().on(knob, bf16) and not Tuning().on(knob, f32)
     assert Tuning().update("fuse_out=f32").on("fuse_out", f32) and not Tuning().update("fuse_out=off").on("fuse_out", bf16)

@@ -206,7 +206,7 @@ def launch_config(q: Tensor, k: Tensor, v: Tensor, dual: bool = False) -> dict:
     dot, prec = dot_config(q.dtype)
     bk, bv = max(16, next_pow2(K)), max(16, next_pow2(V))
     split = TUNING.on("scan_split", q.dtype) and bk > 64
-    bvs = min(bv, TUNING.scan_cols(dual))
+    bvs = min(bv, TUNING.scan_cols(q.dtype, dual))
     nc = cdiv(T, ct)
     cg = cdiv(nc, TUNING.groups(cdiv(V, bvs) * B * H, nc))
     return dict(B=B, T=T, H=H, K=K, V=V, NH=n_h, N=T * n_h, CT=ct, NC=nc, NG=cdiv(nc, cg), CG=cg,

@@ -51,6 +51,7 @@ from kernels.delta_product.tangent_fwd import (
     gate_at,
     gate_pair,
     p_pair,
+    scan_rows,
     step_chunk,
     tangent_launch,
 )
@@ -83,34 +84,61 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl
 
 
 @triton.jit
-def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h, i_bh, T, N,
-              NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-              BT: tl.constexpr, BQ: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr,
-              STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇``; with a gate ``K̃`` for ``K``
-    (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`), ``dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})``
-    and ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``. Tiles as float32 rows when ``WIDE``, else in the input
-    dtype (``Tuning.tangent_tiles``; no gate); with ``FUSE_DV`` (not ``WIDE``) ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO`` is formed
-    here from the chunk's ``Q``, ``K`` and tangent tiles, not read from ``tdUl``. Without ``STORE`` (a group's
-    summary) nothing is stored."""
-    tl.static_assert(not (FUSE_DV and WIDE), "the fused dU̇_loc takes the input-dtype tiles (no gate)")
-    h_ptr = (i_bh * NC + i_c) * K * V
-    if STORE:
-        store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
-    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+def _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, t_t, m_t, o_k, m_k,
+               o_v, m_v, K: tl.constexpr, V: tl.constexpr, CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr):
+    """The key columns ``o_k`` of ``K``, ``K̇``, ``Q̇`` and the state rows ``o_k`` of ``dS_{c+1}`` for one chunk;
+    with a gate ``K̃``, ``K̃̇`` (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`) and
+    ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``, with ``G_L`` and ``Ġ_L`` (else 0). ``Q̇`` is scaled when ``WIDE``
+    (on the tiles, the products ``Q̇ᵀ dO`` and ``Ṗ`` are, instead)."""
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tq = load_operand(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k, WIDE)
-    if WIDE:  # Q̇'s scale on Q̇ itself; on the tiles, on the products Q̇ᵀ dO and Ṗ instead
+    if WIDE:
         b_tq = b_tq * scale
     b_dh = load_operand(dHs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
+    g_l, tg_l = 0.0, 0.0
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
         b_tq = exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None])
+    return b_k, b_tk, b_tq, b_dh, g_l, tg_l
+
+
+@triton.jit
+def _tdh_update(b_tdh, b_tq, b_do, b_tw, b_du, b_w, b_tdu, scale, WIDE: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):
+    """``dṠ_{c+1} + Q̇ᵀ dO − Ẇᵀ dU − Wᵀ dU̇`` for the state rows of ``b_tdh`` (``Q̇``'s, ``Ẇ``'s and ``W``'s columns
+    there); ``Q̇`` unscaled unless ``WIDE``."""
+    b_qdo = mm(tl.trans(b_tq), b_do, DOT, PREC)
+    if not WIDE:
+        b_qdo = b_qdo * scale
+    return b_tdh + b_qdo - mm(tl.trans(b_tw), b_du, DOT, PREC) - mm(tl.trans(b_w), b_tdu, DOT, PREC)
+
+
+@triton.jit
+def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale, i_c, i_b, i_h, i_bh,
+              T, N, NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+              BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
+              WIDE: tl.constexpr, FUSE_DV: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇ = dU̇_loc + K̇ dS_{c+1} + K dṠ_{c+1}``
+    (:func:`_tdh_tiles`, :func:`_tdh_update`). The state is ``b_tdh`` (rows ``o_k``) and, with ``SPLIT``,
+    ``b_tdh2`` (rows ``o_k + BK``), each with its own key columns. Tiles as float32 rows when ``WIDE``, else in the
+    input dtype (``Tuning.tangent_tiles``; no gate); with ``FUSE_DV`` (not ``WIDE``, not ``SPLIT``)
+    ``dU̇_loc = (Ṗ ⊙ M)ᵀ dO`` is formed here from the chunk's ``Q``, ``K`` and tangent tiles, not read from
+    ``tdUl``. Without ``STORE`` (a group's summary) nothing is stored."""
+    tl.static_assert(not (FUSE_DV and (WIDE or SPLIT)), "the fused dU̇_loc takes the input-dtype tiles, unsplit")
+    h_ptr = (i_bh * NC + i_c) * K * V
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    if STORE:
+        store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            store_rows(tdHs + h_ptr, b_tdh2, o_k2, m_k2, V, o_v, m_v)
+    o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
+    b_k, b_tk, b_tq, b_dh, g_l, tg_l = _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n_i,
+                                                  m_i, tok_i, t_t, m_t, o_k, m_k, o_v, m_v, K, V, CT, USE_G, WIDE)
     if FUSE_DV:
         b_do = load_tile(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
         b_q = load_tile(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
@@ -120,47 +148,58 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, s
     else:
         b_tdu = (load_rows(tdUl + i_bh * N * V, n_i, m_i, V, o_v, m_v) + mm(b_tk, b_dh, DOT, PREC)
                  + mm(b_k, b_tdh, DOT, PREC))
+    b_tq2, b_dh2 = b_tq, b_dh
+    if SPLIT:
+        b_k2, b_tk2, b_tq2, b_dh2, _, _ = _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H,
+                                                     n_i, m_i, tok_i, t_t, m_t, o_k2, m_k2, o_v, m_v, K, V, CT, USE_G,
+                                                     WIDE)
+        b_tdu += mm(b_tk2, b_dh2, DOT, PREC) + mm(b_k2, b_tdh2, DOT, PREC)
     if STORE:
         store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
-    if USE_G:
+    if USE_G:  # dṠ_c ⊇ e^{G_L} (Ġ_L dS_{c+1} + dṠ_{c+1})
         b_tdh = exp_tangent(b_dh, b_tdh, g_l, tg_l)
     if not FUSE_DV:
         b_do = load_operand(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v, WIDE)
     b_tw = load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE)
     b_du = load_operand(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v, WIDE)
     b_w = load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE)
-    b_qdo = mm(tl.trans(b_tq), b_do, DOT, PREC)
-    if not WIDE:
-        b_qdo = b_qdo * scale
-    return b_tdh + b_qdo - mm(tl.trans(b_tw), b_du, DOT, PREC) - mm(tl.trans(b_w), b_tdu, DOT, PREC)
+    b_tdh = _tdh_update(b_tdh, b_tq, b_do, b_tw, b_du, b_w, b_tdu, scale, WIDE, DOT, PREC)
+    if SPLIT:
+        if USE_G:
+            b_tdh2 = exp_tangent(b_dh2, b_tdh2, g_l, tg_l)
+        b_tdh2 = _tdh_update(b_tdh2, b_tq2, b_do, load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k2, m_k2, WIDE), b_du,
+                             load_operand(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2, WIDE), b_tdu, scale, WIDE, DOT,
+                             PREC)
+    return b_tdh, b_tdh2
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "STORE_DH0", "CG", "NG"])
 def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, tdH0, scale, T, N, NC, H,
                            STORE_DH0, Sum, CG, NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
                            CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr, SUMMARY: tl.constexpr,
-                           GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr,
-                           INTERPRET: tl.constexpr):
-    """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`). Chunk
-    groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_bwd.scan_dh_kernel`."""
+                           SPLIT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr,
+                           SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                           PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`); ``BK``
+    state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split`` on float32
+    tiles). Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_bwd.scan_dh_kernel`."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, True, SUMMARY)
-    b_tdh, _ = group_start(Sum, tdH0, 0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, True, SUMMARY,
-                           GROUPED, PREC_C)
+    b_tdh, b_tdh2 = group_start(Sum, tdH0, 0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, True, SUMMARY,
+                                GROUPED, PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = c1 - 1
         while i_c >= c0:
-            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, i_c, i_b, i_h,
-                              i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE, FUSE_DV,
-                              not SUMMARY, DOT, PREC)
+            b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
+                                      i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK,
+                                      SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DOT, PREC)
             i_c -= 1
     else:
         for it in range(c1 - c0):
-            b_tdh = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, scale, c1 - 1 - it,
-                              i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, USE_G, WIDE,
-                              FUSE_DV, not SUMMARY, DOT, PREC)
-    group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, True, SUMMARY)
+            b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
+                                      c1 - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
+                                      BQ, BK, SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DOT, PREC)
+    group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
@@ -476,8 +515,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, k, G, W, do, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU,
-                tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], BK=c["BK"],
-                STORE_DH0=int(tdh0 is not None), WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"],
+                tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], STORE_DH0=int(tdh0 is not None),
+                WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"], **scan_rows(c, wide),
                 num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = cdiv(K, bkd)

@@ -139,55 +139,84 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
 
 
 @triton.jit
-def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H,
-             K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-             USE_G: tl.constexpr, WIDE: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c`` (unless a group's summary: not ``STORE``); with a
-    gate ``Ṡ_{c+1} = e^{G_L} (Ġ_L S_c + Ṡ_c) + K̃̇ᵀ U_c + K̃ᵀ U̇_c``, ``K̃ = diag(e^{G_L − G}) K``. Tiles as float32
-    rows when ``WIDE``, else in the input dtype (``Tuning.tangent_tiles``; no gate)."""
-    h_ptr = (i_bh * NC + i_c) * K * V
-    if STORE:
-        store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
-    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
-    b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
-    b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-            - mm(load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_h, DOT, PREC)
-            - mm(load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_th, DOT, PREC))
-    if STORE:
-        store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
+def _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k, m_k, K: tl.constexpr,
+             CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr):
+    """The key columns ``o_k`` of ``K`` and ``K̇`` for one chunk, and the state rows ``o_k`` of ``Ṡ_c`` as
+    ``Ṡ_{c+1}`` takes them; with a gate ``K̃ = diag(e^{G_L − G}) K``, ``K̃̇`` and ``e^{G_L} (Ġ_L S_c + Ṡ_c)``
+    (``b_h``: those rows of ``S_c``)."""
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     if USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         b_th = exp_tangent(b_h, b_th, g_l, tg_l)
+    return b_k, b_tk, b_th
+
+
+@triton.jit
+def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
+             H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+             BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, STORE: tl.constexpr,
+             DOT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c = U̇₀ − Ẇ S_c − W Ṡ_c`` (unless a group's summary:
+    not ``STORE``). The state is ``b_th`` (rows ``o_k``) and, with ``SPLIT``, ``b_th2`` (rows ``o_k + BK``), each
+    with its own key columns (:func:`_th_keys`). Tiles as float32 rows when ``WIDE``, else in the input dtype
+    (``Tuning.tangent_tiles``; no gate)."""
+    h_ptr = (i_bh * NC + i_c) * K * V
+    o_k2, m_k2 = o_k + BK, o_k + BK < K
+    if STORE:
+        store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
+        if SPLIT:
+            store_rows(tHs + h_ptr, b_th2, o_k2, m_k2, V, o_v, m_v)
+    _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
+    b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
+    b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+            - mm(load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_h, DOT, PREC)
+            - mm(load_operand(W + i_bh * N * K, n_i, m_i, K, o_k, m_k, WIDE), b_th, DOT, PREC))
+    b_h2 = b_h
+    if SPLIT:
+        b_h2 = load_operand(Hs + h_ptr, o_k2, m_k2, V, o_v, m_v, WIDE)
+        b_tu = (b_tu - mm(load_operand(tW + i_bh * N * K, n_i, m_i, K, o_k2, m_k2, WIDE), b_h2, DOT, PREC)
+                - mm(load_operand(W + i_bh * N * K, n_i, m_i, K, o_k2, m_k2, WIDE), b_th2, DOT, PREC))
+    if STORE:
+        store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
+    b_k, b_tk, b_th = _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k, m_k, K, CT, USE_G,
+                               WIDE)
     b_u = load_operand(U + i_bh * N * V, n_i, m_i, V, o_v, m_v, WIDE)
-    return b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
+    b_th = b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
+    if SPLIT:
+        b_k, b_tk, b_th2 = _th_keys(k, tk, G, tG, b_h2, b_th2, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k2, m_k2, K,
+                                    CT, USE_G, WIDE)
+        b_th2 = b_th2 + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
+    return b_th, b_th2
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "USE_H0", "STORE_HT", "CG", "NG"])
 def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, USE_H0, STORE_HT, Sum, CG,
                           NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr,
-                          SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                          PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
-    """Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel` (the tangent
-    scan has the primal's transition)."""
+                          BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
+                          WIDE: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
+                          PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``
+    on float32 tiles). Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel`
+    (the tangent scan has the primal's transition)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
-    b_th, _ = group_start(Sum, tH0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, False, False, SUMMARY,
-                          GROUPED, PREC_C)
+    b_th, b_th2 = group_start(Sum, tH0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, False, SUMMARY,
+                              GROUPED, PREC_C)
     if INTERPRET:  # run-time loop bounds break the interpreter under numpy >= 2.4
         i_c = c0
         while i_c < c1:
-            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, not SUMMARY, DOT, PREC)
+            b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC,
+                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY, DOT,
+                                   PREC)
             i_c += 1
     else:
         for i_c in range(c0, c1):
-            b_th = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k,
-                            o_v, m_v, H, K, V, NH, CT, BT, USE_G, WIDE, not SUMMARY, DOT, PREC)
-    group_end(Sum, tHT, STORE_HT, b_th, b_th, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, False, False, SUMMARY)
+            b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC,
+                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY, DOT,
+                                   PREC)
+    group_end(Sum, tHT, STORE_HT, b_th, b_th2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, False, SUMMARY)
 
 
 @triton.jit
@@ -246,6 +275,14 @@ def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC,
     store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
+def scan_rows(c: dict, wide: bool) -> dict:
+    """``BK`` and ``SPLIT`` of a tangent chunk scan for the sizes ``c`` of
+    :func:`~kernels.delta_product.chunk_fwd.launch_config`: the state in two halves as in the primal scans
+    (``Tuning.scan_split``), on float32 tiles (``wide``: :meth:`~kernels.delta_product.utils.Tuning.tangent_rows`)."""
+    split = c["SPLIT"] and wide
+    return dict(BK=c["BKS"] if split else c["BK"], SPLIT=split)
+
+
 def tangent_launch(c: dict, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int, int]:
     """``(num_warps, BKB, BVB)`` of the tangent kernel ``kernel`` for the sizes ``c`` of
     :func:`~kernels.delta_product.chunk_fwd.launch_config`, with or without a ``gate``
@@ -289,10 +326,10 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    wide = TUNING.tangent_rows(q.dtype, gate is not None)
     launch_scan(scan_h_tangent_kernel, c, c["BVS"], k, G, W, Hs, U, tk, tG, tW, tU0, th0 if th0 is not None else W,
-                tHs, tU, tht if tht is not None else W, T, N, NC, BK=c["BK"], USE_H0=int(th0 is not None),
-                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
-                WIDE=TUNING.tangent_rows(q.dtype, gate is not None),
+                tHs, tU, tht if tht is not None else W, T, N, NC, USE_H0=int(th0 is not None),
+                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"], WIDE=wide, **scan_rows(c, wide),
                 num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)

@@ -37,8 +37,14 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
                   "wy": (4, 0.25), "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
 #: tiles; ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
-#: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a)
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5), "wy": (4, 0.5)}
+#: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a);
+#: the scans at 4 warps, split (``Tuning.scan_split``) on ``bv_scan`` columns (``Tuning.scan_cols``): gated at n_h = 2,
+#: ``scan_h_tangent`` 3.18 against 5.37 ms and ``scan_dh_tangent`` 4.55 against 6.13 unsplit at 8 warps and 64
+#: columns (``kernels_tangent_scan_split.json``); ``dv`` at half tiles: 0.45 against 0.60 ms (gated 0.49 against 1.00) in
+#: the sweep of ``kernels_tangent_launch_float32.json`` (``_gate_float32.json``), where gated ``wy`` at quarter tiles
+#: took 2.33 against 3.72 ms
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (8, 0.5), "out": (4, 0.5), "dv": (4, 0.5),
+                      "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: as without a gate; at half tiles 1.77 ms
@@ -50,7 +56,7 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "dqkw": (8, 0.5), "out": (4, 0.5), "wy":
 #: ``dqkw`` at 8 warps and quarter tiles spills 648 bytes a thread instead of 1016. For the float32 HVP at n_h = 2
 #: each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
 TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dv": (4, 0.5)}
-TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25)}
+TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25), "wy": (4, 0.25)}
 
 
 @dataclass
@@ -77,8 +83,8 @@ class Tuning:
             :data:`TANGENT_LAUNCH`; 16 is refused: float32 hit an illegal memory access with it on an
             H100, Triton 3.6).
         block_dual: columns per tile of the parallel tangent kernels (0: per kernel, :data:`TANGENT_LAUNCH`).
-        bv_dual: value columns per program of the tangent chunk scans (0: ``bv_scan``; 16 is refused:
-            slower for bf16, illegal memory access for float32 on an H100).
+        bv_dual: value columns per program of the tangent chunk scans (0: by dtype, :meth:`scan_cols`; 16 is
+            refused: slower for bf16, illegal memory access for float32 on an H100).
         bv_scan: value columns per program of the chunk scans.
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
@@ -203,7 +209,7 @@ class Tuning:
     warps_wy: int = 4
     warps_dual: int = 0
     block_dual: int = 0
-    bv_dual: int = 64
+    bv_dual: int = 0
     bv_scan: int = 32
     block: int = 0
     tile_wy: int = 0
@@ -245,10 +251,13 @@ class Tuning:
         tiles spill 1.2 KB a thread) and bf16 from 0.59 to 0.50 ms (``kernels_knobs_wy.json``)."""
         return self.tile_wy or max(16, self.tile(dtype) // 2)
 
-    def scan_cols(self, dual: bool = False) -> int:
-        """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``)
-        ``bv_dual``, or when 0, ``bv_scan``."""
-        return (self.bv_dual or self.bv_scan) if dual else self.bv_scan
+    def scan_cols(self, dtype: torch.dtype, dual: bool = False) -> int:
+        """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``) ``bv_dual``,
+        or when 0, 64 for 16-bit inputs and ``bv_scan`` for float32, whose tangent scans then split their state
+        like the primal's (``scan_split``) at 4 warps (:data:`TANGENT_LAUNCH_F32`)."""
+        if not dual:
+            return self.bv_scan
+        return self.bv_dual or (64 if dtype.itemsize == 2 else self.bv_scan)
 
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
@@ -330,6 +339,9 @@ class Tuning:
                               ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
+        if self.warps_dual == 8 and self.block_dual == 16:
+            raise ValueError("DELTA_PRODUCT_TUNING: warps_dual=8 with block_dual=16 is refused: the float32 gated "
+                             "wy_cols_tangent hit an illegal memory access with it on an H100 (Triton 3.6)")
         return self
 
     def load(self, spec: str) -> Tuning:

@@ -284,9 +284,10 @@ def _apply(function: type[torch.autograd.Function], *args):
 
 
 def _tangent_ok(q: Tensor, v: Tensor) -> bool:
-    """The tangent kernels are in use: ``hvp_mode = "dual"`` and head dims of at least
+    """The tangent kernels are in use: ``hvp_mode = "dual"`` and float32 inputs or head dims of at least
     ``TUNING.tangent_min_dim``."""
-    return TUNING.hvp_mode == "dual" and min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim
+    return TUNING.hvp_mode == "dual" and (q.dtype == torch.float32
+                                          or min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim)
 
 
 def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:

@@ -41,7 +41,7 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: the scans at 4 warps, split (``Tuning.scan_split``) on ``bv_scan`` columns (``Tuning.scan_cols``): gated at n_h = 2,
 #: ``scan_h_tangent`` 3.18 against 5.37 ms and ``scan_dh_tangent`` 4.55 against 6.13 unsplit at 8 warps and 64
 #: columns (``kernels_tangent_scan_split.json``); ``dv`` at half tiles: 0.45 against 0.60 ms (gated 0.49 against 1.00) in
-#: the sweep of ``kernels_tangent_launch_float32.json`` (``_gate_float32.json``), where gated ``wy`` at quarter tiles
+#: the sweep of ``kernels_tangent_launch_float32_split.json`` (``_gate_float32_split.json``), where gated ``wy`` at quarter tiles
 #: took 2.33 against 3.72 ms
 TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (8, 0.5), "out": (4, 0.5), "dv": (4, 0.5),
                       "wy": (4, 0.5)}
@@ -178,9 +178,10 @@ class Tuning:
             (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
             ``x ↦ (f(x), vjp)``, no graph of the backward kept).
         tangent_min_dim: smallest key / value head dim that ``hvp_mode = "dual"`` takes the tangent
-            kernels for; smaller heads take ``"fwd_rev"`` (at K = V = 32, bf16, the tangent
-            ``wy_bwd`` hit an illegal memory access on an H100 with Triton 3.6; 0 allows every dim,
-            as the CPU tests under the interpreter do).
+            kernels for with 16-bit inputs (float32 takes them at any); smaller heads take ``"fwd_rev"`` (at
+            K = V = 32, bf16, the tangent kernels hit an illegal memory access or gave ``dk``, ``dβ`` tangents
+            100 % off on an H100 with Triton 3.6, while float32 passed: ``kernels_check_k32_tangent.json``;
+            0 allows every dim, as the CPU tests under the interpreter do).
         direct_launch: a launch specialized as an earlier one calls that launch's compiled kernel directly,
             past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
         gate_dk: with a gate and 16-bit inputs, how ``scan_dh`` stores ``dS_{c+1}`` (``dHs``) and ``dqkw`` forms

@@ -7,6 +7,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,19 @@ def bench_graph(fn, rep=60):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
+def _commit() -> str | None:
+    """The checked-out commit (``+dirty`` with uncommitted changes to tracked files), or ``None``
+    outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def env_info():
     import triton
 
@@ -107,6 +122,7 @@ def env_info():
     return dict(device=torch.cuda.get_device_name() if gpu else f"no GPU ({platform.machine()} CPU)",
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                command=" ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]), commit=_commit(),
                 sm_count=torch.cuda.get_device_properties(0).multi_processor_count if gpu else None,
                 tuning=TUNING.spec())
 

@@ -291,37 +291,16 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     (200, 3, 24, 20, torch.float32, False, 3),   # 10 chunks in groups of 4, 4, 2; odd head dims
     (130, 2, 32, 16, torch.float32, True, 16),   # 5 chunks, a group each, with a gate
     (200, 3, 32, 48, torch.bfloat16, False, 4),  # bf16 tiles and dU̇_loc in scan_dh_tangent
+    (40, 2, 80, 24, torch.float32, False, 1),    # state in halves, the second partly masked
+    (30, 3, 72, 20, torch.float32, True, 1),     # halves with a gate: K̃, K̃̇ and e^{G_L} (Ġ_L S + Ṡ) per half
+    (130, 2, 96, 16, torch.float32, True, 3),    # halves in chunk groups: the summaries by halves
+    (40, 2, 80, 24, torch.bfloat16, True, 1),    # gated bf16 reads float32 rows: halves too with scan_split=on
 ])
-def test_tangent_scans_in_chunk_groups(T, n_h, K, V, dtype, gate, groups, monkeypatch):
-    """``scan_groups`` in the tangent scans (the primal's transition, tangent injections): double backward and
-    ``jvp`` against the float64 recurrence with poisoned buffers, and every tangent scan launched in groups."""
-    monkeypatch.setattr(TUNING, "hvp_mode", "dual")
-    monkeypatch.setattr(TUNING, "scan_groups", groups)
-    monkeypatch.setattr(TUNING, "group_min_chunks", 1)
-    calls = []
-    for module in (tangent_fwd, tangent_bwd):
-        _spy(monkeypatch, module, "launch_scan", calls, lambda kernel, c, *a, **kw: (kernel.__name__, c["NG"]))
-    x = make_inputs(B=1, T=T, n_h=n_h, H=2, K=K, V=V, gate=gate, initial_state=True, correlated=True, seed=T + K)
-
-    def kernel(**a):
-        return chunk_delta_product(**a, output_final_state=True, scale=0.8)
-
-    _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
-    nc = triton.cdiv(T, chunk_tokens(n_h))
-    ng = triton.cdiv(nc, triton.cdiv(nc, min(groups, nc)))
-    assert sorted(set(calls)) == [("scan_dh_tangent_kernel", ng), ("scan_h_tangent_kernel", ng)], calls
-
-
-@pytest.mark.parametrize("T, n_h, K, V, dtype, gate, groups", [
-    (40, 2, 80, 24, torch.float32, False, 1),    # the second half of the state rows partly masked
-    (30, 3, 72, 20, torch.float32, True, 1),     # with a gate: K̃, K̃̇ and e^{G_L} (Ġ_L S + Ṡ) per half
-    (130, 2, 96, 16, torch.float32, True, 3),    # in chunk groups: the summaries by halves
-    (40, 2, 80, 24, torch.bfloat16, True, 1),    # gated bf16 reads float32 rows: split too with scan_split=on
-])
-def test_tangent_scans_split(T, n_h, K, V, dtype, gate, groups, monkeypatch):
-    """``scan_split`` in the tangent scans on float32 rows (``K > 64``): the state as two tiles of 64 rows, each
-    with its own key columns; double backward and ``jvp`` against the float64 recurrence with poisoned buffers,
-    and both tangent scans launched split."""
+def test_tangent_scans_grouped_and_split(T, n_h, K, V, dtype, gate, groups, monkeypatch):
+    """``scan_groups`` in the tangent scans (the primal's transition, tangent injections) and ``scan_split`` (set
+    on) on float32 rows at ``K > 64``, the state as two tiles of 64 rows, each with its own key columns: double
+    backward and ``jvp`` against the float64 recurrence with poisoned buffers, and every tangent scan launched in
+    groups and, at ``K > 64``, split."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "scan_split", "on")
     monkeypatch.setattr(TUNING, "scan_groups", groups)
@@ -338,7 +317,9 @@ def test_tangent_scans_split(T, n_h, K, V, dtype, gate, groups, monkeypatch):
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
     nc = triton.cdiv(T, chunk_tokens(n_h))
     ng = triton.cdiv(nc, triton.cdiv(nc, min(groups, nc)))
-    assert sorted(set(calls)) == [("scan_dh_tangent_kernel", ng, True, 64), ("scan_h_tangent_kernel", ng, True, 64)]
+    split = K > 64
+    bk = 64 if split else triton.next_power_of_2(K)
+    assert sorted(set(calls)) == [("scan_dh_tangent_kernel", ng, split, bk), ("scan_h_tangent_kernel", ng, split, bk)]
 
 
 @pytest.mark.parametrize("gate, tangent_gate", [(False, False), (True, False), (True, True)])

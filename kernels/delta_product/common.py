@@ -75,6 +75,15 @@ def store_rows(ptr, x, rows, m_rows, row_stride, cols, m_cols):
 
 
 @triton.jit
+def store_state(ptr, b_h, b_h2, o_k, m_k, K: tl.constexpr, V: tl.constexpr, o_v, m_v, BK: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """Store the rows ``o_k`` (``b_h``) and, with ``SPLIT``, ``o_k + BK`` (``b_h2``) of a ``K × V`` state at ``ptr``."""
+    store_rows(ptr, b_h, o_k, m_k, V, o_v, m_v)
+    if SPLIT:
+        store_rows(ptr, b_h2, o_k + BK, o_k + BK < K, V, o_v, m_v)
+
+
+@triton.jit
 def mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` with operands cast to ``DOT`` and float32 accumulation."""
     return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)

@@ -43,6 +43,7 @@ from kernels.delta_product.common import (
     scan_program,
     steps,
     store_rows,
+    store_state,
     tokens,
 )
 from kernels.delta_product.tangent_fwd import (
@@ -132,9 +133,7 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b
     h_ptr = (i_bh * NC + i_c) * K * V
     o_k2, m_k2 = o_k + BK, o_k + BK < K
     if STORE:
-        store_rows(tdHs + h_ptr, b_tdh, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(tdHs + h_ptr, b_tdh2, o_k2, m_k2, V, o_v, m_v)
+        store_state(tdHs + h_ptr, b_tdh, b_tdh2, o_k, m_k, K, V, o_v, m_v, BK, SPLIT)
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_k, b_tk, b_tq, b_dh, g_l, tg_l = _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n_i,

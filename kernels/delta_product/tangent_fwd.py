@@ -40,6 +40,7 @@ from kernels.delta_product.common import (
     scan_program,
     steps,
     store_rows,
+    store_state,
     tokens,
 )
 from kernels.delta_product.launch import launch
@@ -165,9 +166,7 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_
     h_ptr = (i_bh * NC + i_c) * K * V
     o_k2, m_k2 = o_k + BK, o_k + BK < K
     if STORE:
-        store_rows(tHs + h_ptr, b_th, o_k, m_k, V, o_v, m_v)
-        if SPLIT:
-            store_rows(tHs + h_ptr, b_th2, o_k2, m_k2, V, o_v, m_v)
+        store_state(tHs + h_ptr, b_th, b_th2, o_k, m_k, K, V, o_v, m_v, BK, SPLIT)
     _, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     b_h = load_operand(Hs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     b_tu = (load_rows(tU0 + i_bh * N * V, n_i, m_i, V, o_v, m_v)

@@ -3,7 +3,7 @@
 A kernel whose result depends on ``num_stages`` or differs between two identical runs has a race (a
 prefetched shared-memory tile overwritten while still read) or a miscompile; the float64 reference says
 which depth is right. For each dtype and ``n_h``: ``chunk_fwd`` and ``chunk_bwd`` (no gate, other knobs at
-their defaults but ``fuse_min_programs = 0``) at ``Tuning.stages`` = ``stages_scan`` = ``stages_dh`` = 3, 3
+their defaults but ``fuse_min_programs = 0``) at ``Tuning.stages`` = ``stages_scan`` = ``stages_dh`` = ``stages_dual`` = 3, 3
 again, 2 and 1, every output and saved intermediate against the first run, and ``o``, ``dq``, ``dk``, ``dv``,
 ``dβ`` against float64 (relative norm errors). With ``--hvp`` also a Hessian-vector product by double backward (the tangent kernels; gate off
 and on) at each depth, against the first and against float64.
@@ -36,7 +36,7 @@ NAMES = ("o", "Ti", "W", "Hs", "U", "dq", "dk", "dv", "dbeta", "dU", "dHs", "dW"
 def at_depth(stages: int) -> None:
     """Every pipeline depth at ``stages``, and ``fuse_min_programs = 0``: this shape's grids are smaller than the
     benchmark shapes', so without it the bf16 ``scan_h`` would not be the fused one that runs there."""
-    TUNING.stages = TUNING.stages_scan = TUNING.stages_dh = stages
+    TUNING.stages = TUNING.stages_scan = TUNING.stages_dh = TUNING.stages_dual = stages
     TUNING.fuse_min_programs = 0
 
 

@@ -52,7 +52,7 @@ from kernels.delta_product.tangent_fwd import (
     gate_at,
     gate_pair,
     p_pair,
-    scan_rows,
+    scan_launch,
     step_chunk,
     tangent_launch,
 )
@@ -369,7 +369,7 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     loops, which accumulate ``dT`` and ``dṪ`` alone; the program stores ``dC + dCᵀ`` and ``dĊ + dĊᵀ`` in ``DC``,
     ``tDC`` and its terms of ``dβ̇`` and ``dĠ`` as the first partial sums ``tdbeta``, ``tdG``;
     :func:`wy_cols_tangent_kernel` does the rest, one column tile per program."""
-    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT, 0)
     b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
     if not SPLIT:
         b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
@@ -445,12 +445,13 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
                            tdbeta, tdG, T, N, H, SB, SG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
                            CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr,
                            BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """The second half of the two-kernel ``SPLIT`` form, one program per (chunk, batch·head, column tile): a key
+    """The second half of the two-kernel ``SPLIT`` form, one program per (column tile, chunk, batch·head), the
+    tile fastest (a chunk's tiles run together and share ``T``, ``Ṫ``, ``DC``, ``tDC`` in L2): a key
     tile gets ``dK̇ = dK̇_in + diag(f) dẊ + diag(ḟ) dX + (dĊ + dĊᵀ) K + (dC + dCᵀ) K̇`` (``dC + dCᵀ`` and its
     tangent from ``DC``, ``tDC``), a value tile ``dV̇`` (:func:`_dy_block`); each writes its terms of ``dβ̇``
     (and ``dĠ``) as the partial sums of slot ``1 + tile`` (strides ``SB``, ``SG``; value tiles write zero ``dĠ``)."""
-    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
-    i_t = tl.program_id(2)
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT, 1)
+    i_t = tl.program_id(0)
     b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
@@ -472,7 +473,7 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
                                  load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, o_v < V), b_beta, b_tbeta, DOT, PREC)
         store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
     slot = (i_t + 1).to(tl.int64)
-    store_db_dg(tdbeta + slot * SB, tdG + slot * SG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(0), i_bh // H, i_h,
+    store_db_dg(tdbeta + slot * SB, tdG + slot * SG, b_tdb, b_tdg, rows, m_i, o_i, tl.program_id(1), i_bh // H, i_h,
                 T, H, NH, CT, BQ, USE_G)
 
 
@@ -515,8 +516,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
     launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, k, G, W, do, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU,
                 tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], STORE_DH0=int(tdh0 is not None),
-                WIDE=wide, FUSE_DV=fuse, INTERPRET=c["INTERPRET"], **scan_rows(c, wide),
-                num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
+                FUSE_DV=fuse, INTERPRET=c["INTERPRET"], **scan_launch(c, q.dtype, gate is not None), **common)
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = cdiv(K, bkd)
     warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)
@@ -542,7 +542,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            BVB=bvb, SPLIT=split, num_warps=warps, **common)
     if split:
         warps, bkb, bvb = cols
-        launch(wy_cols_tangent_kernel, (NC, B * H, tiles), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
+        launch(wy_cols_tangent_kernel, (tiles, NC, B * H), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,
                SB=tdbeta[0].numel(), SG=tdg[0].numel(), BQ=c["BQ"], BKB=bkb, BVB=bvb, num_warps=warps, **common)
     def total(parts: Tensor) -> Tensor:  # the partial sums of the split form; the one slot otherwise
         return parts.sum(0) if split else parts[0]

@@ -48,11 +48,11 @@ from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit
-def step_chunk(beta, tbeta, N, H, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr):
-    """A per-chunk program over micro-steps (grid: chunk, batch·head): head, batch·head, the chunk's
-    steps (``steps``: offsets, indices, validity, tokens), their rows of ``[B·N, H]``, and ``β``, ``β̇``
-    there (float32)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+def step_chunk(beta, tbeta, N, H, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, AXIS: tl.constexpr):
+    """A per-chunk program over micro-steps (grid axes ``AXIS``, ``AXIS + 1``: chunk, batch·head): head,
+    batch·head, the chunk's steps (``steps``: offsets, indices, validity, tokens), their rows of ``[B·N, H]``,
+    and ``β``, ``β̇`` there (float32)."""
+    i_c, i_bh = tl.program_id(AXIS), tl.program_id(AXIS + 1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     rows = i_b * N + n_i
@@ -107,7 +107,7 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
                         PREC_T: tl.constexpr):
     """With a gate, ``A ⊙ E`` (``E_ij = e^{G_i − G_j}``) adds ``A ⊙ (Ġ_i − Ġ_j)`` to ``Ȧ``, and ``X`` has the
     row factor ``f = β e^G``, ``ḟ = (β̇ + β Ġ) e^G``."""
-    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT)
+    i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT, 0)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # K̇ Kᵀ
     for i_k in range(tl.cdiv(K, BKB)):
@@ -274,12 +274,16 @@ def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC,
     store_rows(tO + i_h * V, b_to, i_b * T + t_t, m_t, H * V, o_v, m_v)
 
 
-def scan_rows(c: dict, wide: bool) -> dict:
-    """``BK`` and ``SPLIT`` of a tangent chunk scan for the sizes ``c`` of
-    :func:`~kernels.delta_product.chunk_fwd.launch_config`: the state in two halves as in the primal scans
-    (``Tuning.scan_split``), on float32 tiles (``wide``: :meth:`~kernels.delta_product.utils.Tuning.tangent_rows`)."""
+def scan_launch(c: dict, dtype: torch.dtype, gate: bool) -> dict:
+    """``WIDE``, ``BK``, ``SPLIT``, ``num_warps`` and ``max_stages`` of a tangent chunk scan for the sizes ``c`` of
+    :func:`~kernels.delta_product.chunk_fwd.launch_config`: float32 rows or not
+    (:meth:`~kernels.delta_product.utils.Tuning.tangent_rows`), on float32 rows the state in two halves as in the
+    primal scans (``Tuning.scan_split``), the warps of :func:`tangent_launch` and the pipeline depth of
+    :meth:`~kernels.delta_product.utils.Tuning.dual_stages`."""
+    wide = TUNING.tangent_rows(dtype, gate)
     split = c["SPLIT"] and wide
-    return dict(BK=c["BKS"] if split else c["BK"], SPLIT=split)
+    return dict(WIDE=wide, BK=c["BKS"] if split else c["BK"], SPLIT=split,
+                num_warps=tangent_launch(c, "scan", dtype, gate)[0], max_stages=TUNING.dual_stages(dtype))
 
 
 def tangent_launch(c: dict, kernel: str, dtype: torch.dtype, gate: bool = False) -> tuple[int, int, int]:
@@ -325,11 +329,10 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
            BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    wide = TUNING.tangent_rows(q.dtype, gate is not None)
     launch_scan(scan_h_tangent_kernel, c, c["BVS"], k, G, W, Hs, U, tk, tG, tW, tU0, th0 if th0 is not None else W,
                 tHs, tU, tht if tht is not None else W, T, N, NC, USE_H0=int(th0 is not None),
-                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"], WIDE=wide, **scan_rows(c, wide),
-                num_warps=tangent_launch(c, "scan", q.dtype, gate is not None)[0], **common)
+                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+                **scan_launch(c, q.dtype, gate is not None), **common)
     if not output:
         return None, tht, (tTi, tW, tHs, tU)
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)

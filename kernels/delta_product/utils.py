@@ -97,6 +97,10 @@ class Tuning:
         stages_dh: the same for ``scan_dh`` alone; 0 (default): ``stages_scan`` for 16-bit inputs and 1 for float32
             (:meth:`dh_stages`; on an H100 at n_h = 2 float32 ``scan_dh`` takes 1.42–1.43 ms at one stage, 2.14 at two:
             ``benchmarks/results/kernels_fused_out.json``, calls ``d8``, ``d9``).
+        stages_dual: the same for the tangent chunk scans ``scan_h_tangent`` and ``scan_dh_tangent``; 0 (default):
+            ``stages`` for 16-bit inputs and 1 for float32 (:meth:`dual_stages`; on an H100 at n_h = 2 float32
+            ``scan_h_tangent`` takes 2.38 ms at one stage against 3.46 at three, gated 2.97 against 3.26, and
+            ``scan_dh_tangent`` the same at either: ``benchmarks/results/kernels_tangent_stages.json``).
         fuse_out: the output formed in ``scan_h`` (which holds ``S_c``, ``U_c`` and the chunk's ``K`` already) instead
             of a separate ``out_kernel`` that reads ``Hs``, ``U`` and ``K`` back; the scan then also reads ``Q`` and
             forms ``Q Kᵀ`` once per value tile. ``"bf16"`` (default: for 16-bit inputs), ``"on"``, ``"off"`` or
@@ -218,6 +222,7 @@ class Tuning:
     stages: int = 3
     stages_scan: int = 2
     stages_dh: int = 0
+    stages_dual: int = 0
     fuse_out: str = "bf16"
     fuse_dv: str = "bf16"
     tangent_tiles: str = "bf16"
@@ -290,6 +295,11 @@ class Tuning:
         at n_h = 2)."""
         return self.stages_dh or (self.stages_scan if dtype.itemsize == 2 else 1)
 
+    def dual_stages(self, dtype: torch.dtype) -> int:
+        """Deepest software pipeline of the tangent chunk scans: ``stages_dual``, or when 0, ``stages`` for 16-bit
+        inputs and 1 for float32."""
+        return self.stages_dual or (self.stages if dtype.itemsize == 2 else 1)
+
     def tangent_launch(self, kernel: str, dtype: torch.dtype, gate: bool = False,
                        full_queries: bool = False) -> tuple[int, int]:
         """``(num_warps, tile columns)`` of the tangent kernel ``kernel`` (a key of :data:`TANGENT_LAUNCH`):
@@ -322,9 +332,11 @@ class Tuning:
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
-        if not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4 or not 0 <= self.stages_dh <= 4:
-            raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4 and stages_dh in 0..4, "
-                             f"got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`")
+        if (not 1 <= self.stages_scan <= 4 or not 1 <= self.stages <= 4 or not 0 <= self.stages_dh <= 4
+                or not 0 <= self.stages_dual <= 4):
+            raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4, stages_dh and stages_dual "
+                             f"in 0..4, got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`, "
+                             f"`{self.stages_dual}`")
         for name in ("tangent_min_dim", "fuse_min_programs", "scan_groups", "group_programs", "group_min_chunks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")

@@ -9,11 +9,9 @@ For ``L(x) = ⟨do, o(x)⟩ + ⟨ds, S_T(x)⟩`` with ``(o, S_T) = chunk_delta_p
 
 and compares each with the same quantity of the token-by-token recurrence
 (``lrnn.ops.recurrent.delta_product_recurrent``) in float64, printing relative errors and times.
-With float32 inputs, or bf16 with head dims of at least ``TUNING.tangent_min_dim`` (64), the second order runs
-the tangent kernels
+The second order runs the tangent kernels
 (``kernels.delta_product.tangent_fwd`` / ``tangent_bwd``), with the gate (the default) or ``--no-gate``;
-otherwise (or under ``DELTA_PRODUCT_TUNING=tangent_gate=0`` with the gate) it differentiates the composed
-chunked form. On a machine without a GPU the kernels
+with the gate and ``DELTA_PRODUCT_TUNING=tangent_gate=0`` it differentiates the composed chunked form. On a machine without a GPU the kernels
 run under ``TRITON_INTERPRET=1`` (keep the sizes small).
 
     python examples/kernels_second_order.py                        # GPU if present, else the CPU interpreter

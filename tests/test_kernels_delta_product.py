@@ -218,8 +218,8 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("block=16").wy_tile(torch.bfloat16) == 16
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
     for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
-                    "hvp_mode=twice", "tangent_min_dim=-1", "wy_late=yes", "stages_scan=0", "stages=5",
-                    "stages_dh=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
+                    "hvp_mode=twice", "wy_late=yes", "stages_scan=0", "stages=5",
+                    "stages_dh=5", "stages_dual=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
                     "tangent_tiles=on", "tangent_tiles=f32", "scan_groups=-1", "group_min_chunks=-2",  # float32 tiles: illegal memory access
                     "warps_dual=8,block_dual=16"):  # illegal memory access (float32 gated wy_cols_tangent)
         with pytest.raises(ValueError, match=refused.split("=")[0]):
@@ -268,6 +268,8 @@ def test_tuning_spec_is_validated():
     assert Tuning().update("fuse_min_programs=0").fuses_out(bf16, 1)
     assert Tuning().dh_stages(torch.float32) == 1 and Tuning().dh_stages(torch.bfloat16) == Tuning().stages_scan
     assert Tuning().update("stages_dh=3").dh_stages(torch.float32) == 3
+    assert Tuning().dual_stages(f32) == 1 and Tuning().dual_stages(bf16) == Tuning().stages  # the tangent scans
+    assert Tuning().update("stages_dual=2").dual_stages(f32) == 2
     # chunk groups: 8 below group_programs programs, no fewer than group_min_chunks chunks each, never 2 by choice
     assert Tuning().groups(32, 400) == 8 == Tuning().groups(127, 400) and Tuning().groups(128, 400) == 1
     assert Tuning().groups(1, 100) == 6 and Tuning().groups(32, 48) == 3 and Tuning().groups(32, 47) == 1

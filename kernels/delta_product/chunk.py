@@ -12,9 +12,8 @@ backward; the composed differentiable form for everything else.
   Hessian-vector products) and ``jvp`` are forward-over-reverse by the tangent kernels: with
   ``x + ε ẋ`` as input, the tangents of the outputs are ``J ẋ`` and of the gradients
   ``∇²⟨f, (do, dht)⟩ ẋ``, computed at the saved primal intermediates of the forward and of the
-  backward, which are not recomputed. Otherwise (a gate without ``TUNING.tangent_gate``, head dims below
-  ``TUNING.tangent_min_dim``, or ``hvp_mode`` ``"rev_rev"`` /
-  ``"fwd_rev"``) it is the second derivative of the composed form, reverse-over-reverse or
+  backward, which are not recomputed. Otherwise (a gate without ``TUNING.tangent_gate``, or ``hvp_mode``
+  ``"rev_rev"`` / ``"fwd_rev"``) it is the second derivative of the composed form, reverse-over-reverse or
   forward-over-reverse, whose only sequential part is the low-rank
   :func:`~kernels.delta_product.scan.chunk_scan`.
 
@@ -99,7 +98,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, beta, G, h0, scale = inputs
         ctx.scale = scale
-        if not _dual_ok(q, v, G):  # only the tangent kernels give the intermediates tangents
+        if not _dual_ok(G):  # only the tangent kernels give the intermediates tangents
             ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, beta, G, h0, *output[2:])
@@ -121,7 +120,7 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
     def jvp(ctx, dq, dk, dv, dbeta, dG, dh0, _scale):
         *primals, Ti, W, Hs, U = ctx.saved_tensors
         q, k, v, beta, G, h0 = primals
-        if _dual_ok(q, v, G):
+        if _dual_ok(G):
             tangents = _filled((q, k, v, beta, h0), (dq, dk, dv, dbeta, dh0))
             tG = None if G is None else _filled((G,), (dG,))[0]
             return _apply(DualForward, q, k, v, beta, h0, ctx.scale, Ti, W, Hs, U, G, tG, *tangents)
@@ -183,7 +182,7 @@ def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[T
     ``tsaved``, the tangents of ``saved``, or ``need_jx`` False, ``J ẋ`` is not formed by them and comes
     back None), else by differentiating the composed form (``TUNING.hvp_mode``)."""
     q, k, v, beta, G, h0 = primals
-    if _dual_ok(q, v, G):
+    if _dual_ok(G):
         tangents = _filled((q, k, v, beta, h0), dirs[:4] + dirs[5:])
         tG = None if G is None else _filled((G,), dirs[4:5])[0]
         args = (q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, *kept, *(tsaved or (None,) * 4), *tangents)
@@ -283,17 +282,10 @@ def _apply(function: type[torch.autograd.Function], *args):
     return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
 
 
-def _tangent_ok(q: Tensor, v: Tensor) -> bool:
-    """The tangent kernels are in use: ``hvp_mode = "dual"`` and float32 inputs or head dims of at least
-    ``TUNING.tangent_min_dim``."""
-    return TUNING.hvp_mode == "dual" and (q.dtype == torch.float32
-                                          or min(q.shape[-1], v.shape[-1]) >= TUNING.tangent_min_dim)
-
-
-def _dual_ok(q: Tensor, v: Tensor, G: Tensor | None) -> bool:
-    """The tangent kernels serve forward mode and the double backward: :func:`_tangent_ok`, and no gate or
+def _dual_ok(G: Tensor | None) -> bool:
+    """The tangent kernels serve forward mode and the double backward: ``hvp_mode = "dual"``, and no gate or
     ``TUNING.tangent_gate``."""
-    return _tangent_ok(q, v) and (G is None or TUNING.tangent_gate)
+    return TUNING.hvp_mode == "dual" and (G is None or TUNING.tangent_gate)
 
 
 def _filled(primals: tuple[Tensor | None, ...], tangents: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

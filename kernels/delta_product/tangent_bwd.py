@@ -363,7 +363,9 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     ``dT`` and ``dṪ`` die), and ``dK`` gets ``(dC + dCᵀ) K`` (``dC = diag(β) dA``) and its tangent. With a gate:
     ``X = diag(f) K``, ``f = β e^G``; ``dA ⊙ E`` for ``dA`` (:func:`~kernels.delta_product.tangent_fwd.gate_pair`);
     ``dG`` gets ``dX``'s ``Σ_d dX ⊙ K f`` and ``A``'s row minus column sums of ``dC ⊙ K Kᵀ`` off the token
-    blocks. ``T`` and ``Ṫ`` are held in the ``DOT`` dtype: they are only matmul operands here.
+    blocks. ``T`` and ``Ṫ`` stay float32: held in bf16 (fewer registers) they were miscompiled by Triton 3.6 on an
+    H100 where a loop over ``K`` is not pipelined (one stage, or ``K = 32``): ``dK̇``, ``dβ̇`` 30–120 % off, or an
+    illegal memory access (``benchmarks/results/kernels_wy_tangent_f32_t.json``).
 
     ``SPLIT`` (``Tuning.wy_split``): the first half of the two-kernel form. ``T`` and ``Ṫ`` are loaded after the
     loops, which accumulate ``dT`` and ``dṪ`` alone; the program stores ``dC + dCᵀ`` and ``dĊ + dĊᵀ`` in ``DC``,
@@ -372,8 +374,8 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT, 0)
     b_f, b_tf, g_i, tg_i = _x_factor(G, tG, b_beta, b_tbeta, i_bh // H, i_h, tok_i, m_i, T, H, USE_G)
     if not SPLIT:
-        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
-        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdT = tl.zeros([BT, BT], dtype=tl.float32)
     b_tdb = tl.zeros([BT], dtype=tl.float32)
@@ -400,8 +402,8 @@ def wy_bwd_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, tdW
             b_tdb += tdb
             store_rows(tdv + i_h * V, b_tdv, rows, m_i, H * V, o_v, o_v < V)
     if SPLIT:
-        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
-        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT).to(DOT)
+        b_T = load_rows(Ti + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
+        b_tT = load_rows(tTi + i_bh * N * BT, n_i, m_i, BT, o_i, o_i < BT)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_dT = tl.where(m_A, b_dT, 0.0)
     b_tdT = tl.where(m_A, b_tdT, 0.0)

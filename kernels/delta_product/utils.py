@@ -181,11 +181,6 @@ class Tuning:
             without a gate, else as ``"fwd_rev"``); or differentiate the composed form: ``"rev_rev"``
             (``torch.func.vjp`` of its ``vjp``) or ``"fwd_rev"`` (one ``torch.func.jvp`` of
             ``x ↦ (f(x), vjp)``, no graph of the backward kept).
-        tangent_min_dim: smallest key / value head dim that ``hvp_mode = "dual"`` takes the tangent
-            kernels for with 16-bit inputs (float32 takes them at any); smaller heads take ``"fwd_rev"`` (at
-            K = V = 32, bf16, the tangent kernels hit an illegal memory access or gave ``dk``, ``dβ`` tangents
-            100 % off on an H100 with Triton 3.6, while float32 passed: ``kernels_check_k32_tangent.json``;
-            0 allows every dim, as the CPU tests under the interpreter do).
         direct_launch: a launch specialized as an earlier one calls that launch's compiled kernel directly,
             past ``kernel[grid]``'s per-call argument handling (:mod:`~kernels.delta_product.launch`).
         gate_dk: with a gate and 16-bit inputs, how ``scan_dh`` stores ``dS_{c+1}`` (``dHs``) and ``dqkw`` forms
@@ -239,7 +234,6 @@ class Tuning:
     hvp_tf32: bool = True
     composed_inverse: str = "kernel"
     hvp_mode: str = "dual"
-    tangent_min_dim: int = 64
     tangent_gate: bool = True
     direct_launch: bool = True
     gate_dk: str = "split"
@@ -337,7 +331,7 @@ class Tuning:
             raise ValueError(f"DELTA_PRODUCT_TUNING: stages and stages_scan must be in 1..4, stages_dh and stages_dual "
                              f"in 0..4, got `{self.stages}`, `{self.stages_scan}`, `{self.stages_dh}`, "
                              f"`{self.stages_dual}`")
-        for name in ("tangent_min_dim", "fuse_min_programs", "scan_groups", "group_programs", "group_min_chunks"):
+        for name in ("fuse_min_programs", "scan_groups", "group_programs", "group_min_chunks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),

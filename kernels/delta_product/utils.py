@@ -27,10 +27,11 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``(num_warps, tile as a share of Tuning.tile)`` of each tangent kernel (``tangent_fwd``,
 #: ``tangent_bwd``) for 16-bit inputs, the fastest of 4 / 8 warps and full / half tiles on an H100 (bf16,
 #: (4, 4096, 16, 128), n_h = 2; ``benchmarks/results/kernels_tangent_launch.json``); the scans' tile is ``bv_dual``
-#: ``wy`` at 4 warps since it holds ``T``, ``Ṫ`` in bf16 and forms ``K Kᵀ`` after ``dA``: 1.36 against 1.42 ms at 8
-#: (``kernels_wy_schedule_new.json``; 4 warps for every dtype and gate now), and at quarter tiles (32 columns, as
-#: float32's half tiles): 1.29 against 1.77 ms gated, 1.03 against 1.36 ungated at n_h = 2 (``kernels_wy_quarter.json``
-#: against ``kernels_dqkw_gate2_old.json``, one machine; ``kernels_tangent_launch_gate_nh3_dqkw_epilogue.json``).
+#: ``wy`` at 4 warps and quarter tiles, chosen when it held ``T``, ``Ṫ`` in bf16 (formed ``K Kᵀ`` after ``dA``): 1.36
+#: against 1.42 ms at 8 warps (``kernels_wy_schedule_new.json``; 4 warps for every dtype and gate now); quarter tiles
+#: (32 columns, as float32's half tiles): 1.29 against 1.77 ms gated, 1.03 against 1.36 ungated at n_h = 2
+#: (``kernels_wy_quarter.json`` against ``kernels_dqkw_gate2_old.json``, one machine). With ``T``, ``Ṫ`` back in
+#: float32 (a Triton miscompile in bf16) 1.41 and 1.27 ms (``kernels_wy_tangent_f32_t.json``; not swept again).
 #: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0),

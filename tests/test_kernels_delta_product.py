@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 
-from kernels.delta_product import chunk_bwd, chunk_delta_product, chunk_fwd
+from kernels.delta_product import chunk_bwd, chunk_delta_product, chunk_fwd, tangent_bwd, tangent_fwd
 from kernels.delta_product import utils
+from kernels.delta_product.common import tf32_low
 from kernels.delta_product.utils import TUNING, Tuning
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
@@ -192,6 +194,35 @@ def test_chunk_groups_match_recurrence(tuned, monkeypatch, spec, dtype, T, n_h, 
         assert [g[2] for g in grids[name]] == [ng - 1, ng], (name, grids[name])
 
 
+@triton.jit
+def _tf32_low_kernel(x, lo, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(lo + o, tf32_low(tl.load(x + o)))
+
+
+def test_tf32x3t_split_and_its_error_bound():
+    """``tf32_low`` (interpreted) is ``x`` less its 19 high bits, bit for bit; the three TF32 passes of
+    ``dot_tf32x3t`` on that split, with the tensor cores' truncating read emulated in float64, stay within
+    ``3·2⁻²⁰ Σ_k |a_ik| |b_kj|`` of ``a @ b``, a bound that one TF32 pass breaks."""
+    n = 1024
+    x = torch.randn(n) * 2.0 ** torch.randint(-60, 60, (n,)).float()
+    x[:4] = torch.tensor([0.0, -0.0, 1e-40, -3e-39])  # subnormals keep their bits below the mask
+    lo = torch.empty_like(x)
+    _tf32_low_kernel[(1,)](x, lo, n)
+    high = (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+    assert torch.equal(lo, x - high) and torch.equal(high + lo, x)
+
+    def read(t):  # what a TF32 tensor-core pass reads of a float32 operand: its 19 high bits
+        return (t.view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+
+    a, b = torch.randn(64, 128), torch.randn(128, 96)
+    a_lo, b_lo = a - read(a).float(), b - read(b).float()
+    three = read(a_lo) @ read(b) + read(a) @ read(b_lo) + read(a) @ read(b)
+    exact, bound = a.double() @ b.double(), 3 * 2.0 ** -20 * (a.double().abs() @ b.double().abs())
+    assert ((three - exact).abs() <= bound).all()
+    assert ((read(a) @ read(b) - exact).abs() > bound).any()
+
+
 def test_tuning_spec_is_validated():
     assert Tuning().update("inverse=packed,warps_wy=8,hvp_tf32=0").spec() == "inverse=packed,warps_wy=8,hvp_tf32=False"
     loaded = Tuning().update("inverse=packed,stages=2").load("warps_wy=8")  # the rest back to the defaults
@@ -208,6 +239,16 @@ def test_tuning_spec_is_validated():
         Tuning().update("inverse=dense")
     with pytest.raises(ValueError, match="prec_f32"):
         Tuning().update("prec_f32=fp16")
+    with pytest.raises(ValueError, match="prec_inverse"):  # the inverse's direct tl.dot takes Triton's precisions
+        Tuning().update("prec_inverse=tf32x3t")
+    with pytest.raises(ValueError, match=r"trunc_split names unknown kernels \['dq'\]"):
+        Tuning().update("trunc_split=dqkw+dq")
+    assert Tuning().kernel_prec("dqkw", "tf32x3") == "tf32x3t" and Tuning().kernel_prec("scan_h", "tf32x3") == "tf32x3"
+    assert Tuning().kernel_prec("dqkw", "ieee") == "ieee"  # the interpreter, float64
+    assert Tuning().update("trunc_split=").kernel_prec("dqkw", "tf32x3") == "tf32x3"
+    launched = {n.removesuffix("_kernel") for m in (chunk_fwd, chunk_bwd, tangent_fwd, tangent_bwd) for n in dir(m)
+                if n.endswith("_kernel") and isinstance(getattr(m, n), triton.runtime.KernelInterface)}
+    assert launched == set(utils.KERNELS)  # the names trunc_split accepts
     with pytest.raises(ValueError, match="warps_wy must be one of"):
         Tuning().update("warps_wy=3")
     with pytest.raises(ValueError, match="warps_scan"):

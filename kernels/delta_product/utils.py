@@ -60,6 +60,11 @@ TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.2
 TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25), "wy": (4, 0.25)}
 
 
+#: the fused kernels, by their names without ``_kernel``
+KERNELS = ("prep", "scan_h", "out", "dv_local", "scan_dh", "dqkw", "wy_bwd", "prep_tangent", "scan_h_tangent",
+           "out_tangent", "dv_local_tangent", "scan_dh_tangent", "dqkw_tangent", "wy_bwd_tangent", "wy_cols_tangent")
+
+
 @dataclass
 class Tuning:
     """Launch choices of the fused kernels. The defaults are the configuration measured on an H100;
@@ -74,9 +79,15 @@ class Tuning:
             inverted by 16×16 tiles (forward substitution on the four diagonal tiles, six merges).
         prec_inverse: ``input_precision`` of the merge matmuls of the inverse on the GPU.
         prec_f32: ``input_precision`` of every other matmul for float32 inputs, the low-rank
-            ``chunk_scan``'s included (``"tf32x3"``, about float32 accuracy; ``"bf16x3"`` does half the tensor-core
-            work, about 1e-5 accurate; ``"tf32"``, one pass, 2–2.5× faster fwd+bwd on an H100 but
+            ``chunk_scan``'s included (``"tf32x3"``, about float32 accuracy; ``"tf32x3t"``, the same three TF32
+            passes on a truncation split, :func:`~kernels.delta_product.common.dot_tf32x3t`; ``"bf16x3"`` does half
+            the tensor-core work, about 1e-5 accurate; ``"tf32"``, one pass, 2–2.5× faster fwd+bwd on an H100 but
             only as accurate as bf16; ``"ieee"``, no tensor cores).
+        trunc_split: the kernels (names without ``_kernel``, joined by ``+``) whose float32 matmuls take
+            ``"tf32x3t"`` where ``prec_f32`` is ``"tf32x3"``: those it made faster on an H100, where it reads the
+            operands as they are instead of rounding both halves in registers (``dqkw`` 1.68 → 1.06 ms,
+            gated ``dqkw_tangent`` 6.78 → 5.63 at n_h = 1; ``benchmarks/results/kernels_tf32x3t.json``). The
+            chunk scans, ``prep`` and ``wy_cols_tangent`` were slower with it.
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
             forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels
             (``warps_prep = 0`` chooses by dtype: :meth:`prep_warps`).
@@ -202,6 +213,7 @@ class Tuning:
     inverse: str = "tiles"
     prec_inverse: str = "tf32x3"
     prec_f32: str = "tf32x3"
+    trunc_split: str = "dqkw+dqkw_tangent+prep_tangent+wy_bwd_tangent"
     warps_prep: int = 0
     warps_scan: int = 4
     warps_out: int = 4
@@ -238,6 +250,11 @@ class Tuning:
     tangent_gate: bool = True
     direct_launch: bool = True
     gate_dk: str = "split"
+
+    def kernel_prec(self, kernel: str, prec: str) -> str:
+        """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
+        ``prec``: ``"tf32x3t"`` in place of ``"tf32x3"`` for the kernels of ``trunc_split``."""
+        return "tf32x3t" if prec == "tf32x3" and kernel in self.trunc_split.split("+") else prec
 
     def tile(self, dtype: torch.dtype) -> int:
         """Columns per tile of the parallel kernels: ``block``, or when 0, 128 for 16-bit inputs and
@@ -323,7 +340,7 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: unknown field `{name}`")
             kind = type(getattr(self, name))
             setattr(self, name, _parse_bool(name, value) if kind is bool else kind(value))
-        precisions = ("ieee", "tf32", "tf32x3", "bf16x3")
+        precisions = ("ieee", "tf32", "tf32x3", "bf16x3", "tf32x3t")
         warps = {n: (0, 1, 2, 4, 8, 16) if n == "warps_prep" else (1, 2, 4, 8, 16)  # warps_prep = 0: by dtype
                  for n in self.__dataclass_fields__ if n.startswith("warps_")}
         warps["warps_dual"] = (0, 4, 8)
@@ -344,9 +361,13 @@ class Tuning:
                               ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
                               ("block_dual", (0, 16, 32, 64, 128)),
                               ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),
-                              ("prec_inverse", precisions), ("prec_f32", precisions), *warps.items()):
+                              ("prec_inverse", precisions[:-1]), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")
+        unknown = set(filter(None, self.trunc_split.split("+"))) - set(KERNELS)
+        if unknown:
+            raise ValueError(f"DELTA_PRODUCT_TUNING: trunc_split names unknown kernels {sorted(unknown)}; "
+                             f"known: {'+'.join(KERNELS)}")
         if self.warps_dual == 8 and self.block_dual == 16:
             raise ValueError("DELTA_PRODUCT_TUNING: warps_dual=8 with block_dual=16 is refused: the float32 gated "
                              "wy_cols_tangent hit an illegal memory access with it on an H100 (Triton 3.6)")

@@ -27,7 +27,7 @@ when its error is at most twice that plain bf16 implementation's. Writes ``kerne
 and prints a summary last.
 
     python benchmarks/kernels_check.py [--smoke] [--fuzz N] [--fuzz-seeds S ...] [--fuzz-where KEY=VALUE ...]
-        [--fuzz-second] [--shapes I ...] [--gates off on] [--out DIR]
+        [--fuzz-second] [--shapes I ...] [--gates off on] [--dtypes bfloat16 float32] [--out DIR]
 """
 from __future__ import annotations
 
@@ -252,6 +252,8 @@ def main():
     ap.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default all)")
     ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"],
                     help="gate settings of the benchmark-shape rows")
+    ap.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=["bfloat16", "float32"],
+                    help="dtypes of the benchmark-shape and varlen rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     fields = fuzz_case(random.Random(0)).keys()
@@ -260,11 +262,12 @@ def main():
             ap.error(f"--fuzz-where {w!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [(2, 300, 4, 128), (1, 257, 2, 64)] if args.smoke else [SHAPES[i] for i in args.shapes or range(3)]
+    dtypes = [getattr(torch, d) for d in args.dtypes]
     t0 = time.time()
     benchmark = [] if args.no_shapes else shapes + [(1, 1, 2, 128), (1, 1, 2, 64)]
     cfgs = [(2, H, D, D, n_h, gate, h0, dt, True) for (_, _, H, D) in benchmark
             for n_h in (1, 2, 3) for gate in (False, True) for h0 in (False, True)
-            for dt in (torch.bfloat16, torch.float32)]
+            for dt in dtypes]
     rng = random.Random(0)
     cfgs += [(2, 2, c["K"], c["V"], c["n_h"], c["gate"], c["h0"], c["dtype"], c["second"] or args.fuzz_second)
              for c in (fuzz_case(rng) for _ in range(args.fuzz)) if matches(c, args.fuzz_where)]
@@ -293,7 +296,7 @@ def main():
     for (B, T, H, D) in [] if args.no_shapes else shapes:
         for n_h in (1, 2, 3):
             for gate in [g == "on" for g in args.gates]:
-                for dt in (torch.bfloat16, torch.float32):
+                for dt in dtypes:
                     try:
                         x = make_inputs(B, T, H, D, D, n_h, dtype=dt, gate=gate, h0=gate, correlated=n_h > 1,
                                         seed=B + T + n_h)
@@ -314,7 +317,7 @@ def main():
     res["varlen"] = []
     for D in (64, 128):
         for n_h in (1, 2, 3):
-            for dt in (torch.bfloat16, torch.float32):
+            for dt in dtypes:
                 try:
                     r = judge(varlen(D, n_h, dt, D ** -0.5), dt)
                 except Exception as e:  # noqa: BLE001 - recorded as a result
@@ -324,7 +327,7 @@ def main():
     res["all_ok"] = (all(r["first"]["ok"] and r["second"]["ok"] for r in rows) and not fails
                      and all(r["ok"] for r in res["varlen"])
                      and res["float64_composed_path"]["ok"]
-                     and (args.no_shapes or len(rows) == 3 * len(args.gates) * 2 * len(shapes)))
+                     and (args.no_shapes or len(rows) == 3 * len(args.gates) * len(dtypes) * len(shapes)))
     _save(res, args.out)
     print(f"\n{res['device']} torch {res['torch']} triton {res['triton']}  precompile {res['precompile_s']:.0f}s")
     print("anchor (composed float64 vs recurrence):", [f"{a['o']:.1e}" for a in res["anchor_recurrent"]])

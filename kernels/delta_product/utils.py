@@ -85,9 +85,10 @@ class Tuning:
             only as accurate as bf16; ``"ieee"``, no tensor cores).
         trunc_split: the kernels (names without ``_kernel``, joined by ``+``) whose float32 matmuls take
             ``"tf32x3t"`` where ``prec_f32`` is ``"tf32x3"``: those it made faster on an H100, where it reads the
-            operands as they are instead of rounding both halves in registers (``dqkw`` 1.68 → 1.06 ms,
-            gated ``dqkw_tangent`` 6.78 → 5.63 at n_h = 1; ``benchmarks/results/kernels_tf32x3t.json``). The
-            chunk scans, ``prep`` and ``wy_cols_tangent`` were slower with it.
+            operands as they are instead of rounding both halves in registers (``dqkw`` 1.66 → 1.05 ms,
+            gated ``dqkw_tangent`` 6.73 → 5.61 at n_h = 1, (4, 4096, 16, 128):
+            ``benchmarks/results/kernels_tf32x3t.json``). With every kernel at ``tf32x3t`` the chunk scans,
+            ``prep`` and ``wy_cols_tangent`` were slower (``kernels_tf32x3t_all.json``).
         warps_prep, warps_scan, warps_out, warps_dv, warps_dqkw, warps_wy: ``num_warps`` of the
             forward prep, both chunk scans, the output, ``dv_local``, ``dqkw`` and ``wy_bwd`` kernels
             (``warps_prep = 0`` chooses by dtype: :meth:`prep_warps`).

@@ -267,18 +267,20 @@ def test_tuning_spec_is_validated():
             Tuning().update(refused)
     assert Tuning().tangent_launch("prep", torch.bfloat16) == (4, 64)  # TANGENT_LAUNCH: 4 warps, half tiles
     assert Tuning().tangent_launch("wy", torch.float32) == (4, 32) and Tuning().tangent_launch("out", torch.float32) == (4, 32)
-    assert Tuning().tangent_launch("dqkw", torch.float32) == (8, 32)  # TANGENT_LAUNCH_F32
-    # TANGENT_LAUNCH_GATE(_F32): the gated bf16 dqkw at quarter tiles (8 warps with a full chunk of queries); the
-    # float32 dqkw at 8 warps and quarter tiles; the rest as without (wy: 4 warps and 32 columns everywhere)
+    assert Tuning().tangent_launch("dqkw", torch.float32) == (4, 16)  # TANGENT_LAUNCH_F32
+    assert Tuning().tangent_launch("dqkw", torch.float32, full_queries=True) == (4, 16)
+    # TANGENT_LAUNCH_GATE(_F32): the gated dqkw at 4 warps and quarter tiles, 8 warps with a full chunk of queries;
+    # the rest as without (wy: 4 warps and 32 columns everywhere)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, gate=True) == (4, 32)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, gate=True, full_queries=True) == (8, 32)
     assert Tuning().tangent_launch("dqkw", torch.bfloat16, full_queries=True) == (4, 128)
     assert Tuning().tangent_launch("dv", torch.bfloat16, gate=True) == (4, 64)
     assert Tuning().tangent_launch("wy", torch.bfloat16, gate=True) == (4, 32) == Tuning().tangent_launch(
         "wy", torch.bfloat16) == Tuning().tangent_launch("wy", torch.float32)
-    assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (8, 16)
-    # float32: the scans at 4 warps, dv at half tiles, and with a gate wy at quarter tiles
-    assert Tuning().tangent_launch("wy", torch.float32, gate=True) == (4, 16)
+    assert Tuning().tangent_launch("dqkw", torch.float32, gate=True) == (4, 16)
+    assert Tuning().tangent_launch("dqkw", torch.float32, gate=True, full_queries=True) == (8, 16)
+    # float32: the scans at 4 warps, dv at half tiles, wy at half tiles with a gate too
+    assert Tuning().tangent_launch("wy", torch.float32, gate=True) == (4, 32)
     assert Tuning().tangent_launch("scan", torch.float32)[0] == 4 and Tuning().tangent_launch("scan", torch.bfloat16)[0] == 8
     assert Tuning().tangent_launch("dv", torch.float32) == Tuning().tangent_launch("dv", torch.float32, gate=True) == (4, 32)
     assert Tuning().tangent_launch("out", torch.bfloat16, gate=True) == Tuning().tangent_launch("out", torch.bfloat16)

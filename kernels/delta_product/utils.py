@@ -43,8 +43,10 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: ``scan_h_tangent`` 3.18 against 5.37 ms and ``scan_dh_tangent`` 4.55 against 6.13 unsplit at 8 warps and 64
 #: columns (``kernels_tangent_scan_split.json``); ``dv`` at half tiles: 0.45 against 0.60 ms (gated 0.49 against 1.00) in
 #: the sweep of ``kernels_tangent_launch_float32_split.json`` (``_gate_float32_split.json``), where gated ``wy`` at quarter tiles
-#: took 2.33 against 3.72 ms
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (8, 0.5), "out": (4, 0.5), "dv": (4, 0.5),
+#: took 2.33 against 3.72 ms. ``dqkw`` at 4 warps and quarter tiles since ``Tuning.trunc_split`` (session 23 sweep,
+#: ``kernels_tangent_launch_tf32x3t.json``): 2.58 / 2.41 / 3.43 against 3.18 / 3.75 / 5.60 ms at 8 warps and half
+#: tiles (n_h = 1 / 2 / 3)
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "out": (4, 0.5), "dv": (4, 0.5),
                       "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
@@ -53,11 +55,12 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (8, 0.5), "out
 #: ``dqkw`` with as many query rows a chunk as micro-steps (n_h = 1), where its ``[BQ, BT]`` accumulators double:
 #: 8 warps, 1.28 ms against 1.96 at 4 on an H100 (``kernels_knobs_gate_store_hvp.json`` against
 #: ``kernels_knobs_gate_launch_hvp.json``).
-#: Float32 (chosen by compiled registers and spills, ``benchmarks/results/kernels_resources.json``):
-#: ``dqkw`` at 8 warps and quarter tiles spills 648 bytes a thread instead of 1016. For the float32 HVP at n_h = 2
-#: each global ``warps_dual``, ``block_dual``, ``bv_dual`` tried was slower (``kernels_knobs_wy.json``)
+#: Float32, from the session 23 sweep on the ``trunc_split`` code (``kernels_tangent_launch_tf32x3t.json``): ``dqkw``
+#: at 4 warps and quarter tiles, 5.56 / 8.12 against 6.39 / 10.02 ms at 8 warps (n_h = 2 / 3), but ``dqkw_full`` at
+#: 8 warps (5.75 against 8.38 ms at n_h = 1); ``wy`` at half tiles as without a gate (1.06 / 1.99 / 3.05 against
+#: 1.12 / 2.12 / 3.24 ms at quarter tiles)
 TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dv": (4, 0.5)}
-TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw": (8, 0.25), "wy": (4, 0.25)}
+TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw_full": (8, 0.25)}
 
 
 #: the fused kernels, by their names without ``_kernel``

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_common import run_and_save
 
 from kernels.delta_product import chunk_bwd, chunk_fwd, tangent_bwd, tangent_fwd
-from kernels.delta_product.launch import deepest_stages
+from kernels.delta_product.launch import deepest_stages, kernel_options
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes per block on an H100 (sharedMemPerBlockOptin)
@@ -102,6 +102,7 @@ class Compiler:
         self.rows: list[dict] = []
 
     def __call__(self, kernel, grid, *args, num_warps: int = 4, max_stages: int | None = None, **kwargs) -> None:
+        kwargs = kernel_options(kernel, kwargs)  # the precision a launch would pass (Tuning.trunc_split)
         src = ASTSource(kernel, *signature(kernel, args, kwargs))
         stages, start = deepest_stages(max_stages), time.time()
         while True:

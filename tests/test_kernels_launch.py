@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import types
 
 import pytest
 import torch
@@ -55,6 +56,7 @@ class _FakeKernel:
     def __getitem__(self, grid):
         def run(*args, num_stages, **kwargs):
             self.tried.append((num_stages, args))
+            self.kwargs = kwargs
             if num_stages > self.fits:
                 raise triton.runtime.errors.OutOfResources(num_stages, self.fits, "shared memory")
             self.compiled.append(_Compiled() if self.compiles else None)
@@ -139,3 +141,19 @@ def test_a_pipeline_depth_that_did_not_fit_is_not_cached_as_compiled():
     launch(kernel, (1,), torch.zeros(4), 16, BLOCK=16)
     launch(kernel, (1,), torch.zeros(4), 16, BLOCK=16)
     assert [s for s, _ in kernel.tried] == [3, 2, 1] and len(kernel.compiled[-1].calls) == 1
+
+
+@pytest.mark.parametrize("name, split, prec, passed", [
+    ("out_kernel", "out", "tf32x3", "tf32x3t"), ("out_kernel", "dqkw+out", "tf32x3", "tf32x3t"),
+    ("dqkw_kernel", "out", "tf32x3", "tf32x3"), ("out_kernel", "", "tf32x3", "tf32x3"),
+    ("out_kernel", "out", "ieee", "ieee"), ("out_kernel", "out", "tf32", "tf32")])
+def test_launch_passes_the_precision_trunc_split_gives_the_kernel(monkeypatch, name, split, prec, passed):
+    """``Tuning.trunc_split`` names kernels by their function's name without ``_kernel``; only ``tf32x3`` (float32
+    inputs on a GPU) turns into ``tf32x3t``, and a launch without ``PREC`` is left alone."""
+    monkeypatch.setattr(TUNING, "trunc_split", split)
+    kernel = _FakeKernel(arg_names=("x", "PREC"))
+    kernel.fn = types.SimpleNamespace(__name__=name)
+    launch(kernel, (1,), torch.zeros(4), PREC=prec)
+    assert kernel.kwargs == {"PREC": passed}
+    launch(kernel, (1,), torch.zeros(4), BLOCK=16)
+    assert kernel.kwargs == {"BLOCK": 16}

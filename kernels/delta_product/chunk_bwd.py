@@ -449,7 +449,7 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, dHl, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
            scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g,
            SPLIT=TUNING.on("dqkw_split", q.dtype), SPLIT_DS=split_ds, num_warps=TUNING.warps_dqkw,
-           **dict(common, PREC=TUNING.kernel_prec("dqkw", c["PREC"])))
+           **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)

@@ -55,10 +55,20 @@ def _keyword_key(v):
     return _tensor_key(v) if isinstance(v, Tensor) else v
 
 
+def kernel_options(kernel, kwargs: dict) -> dict:
+    """``kwargs`` with the matmul precision ``PREC`` that ``Tuning.trunc_split`` gives ``kernel``
+    (:meth:`~kernels.delta_product.utils.Tuning.kernel_prec`, by the kernel's name without ``_kernel``)."""
+    if "PREC" not in kwargs:
+        return kwargs
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", "").removesuffix("_kernel")
+    return dict(kwargs, PREC=TUNING.kernel_prec(name, kwargs["PREC"]))
+
+
 def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` with the deepest software pipeline (:func:`deepest_stages` down to 1)
     that fits in shared memory; the depth that worked is remembered per kernel and keyword arguments, and
-    the compiled kernel per specialization (``Tuning.direct_launch``)."""
+    the compiled kernel per specialization (``Tuning.direct_launch``). ``PREC`` as :func:`kernel_options` sets it."""
+    kwargs = kernel_options(kernel, kwargs)
     deepest = deepest_stages(max_stages)
     key = (id(kernel), deepest, tuple(kwargs), tuple(_keyword_key(v) for v in kwargs.values()))
     direct = TUNING.direct_launch and not getattr(kernel, "pre_run_hooks", None)

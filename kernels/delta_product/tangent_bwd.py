@@ -528,7 +528,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
            tdk_part, tdW, tdG1 if gate is not None else tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb,
-           num_warps=warps, **dict(common, PREC=TUNING.kernel_prec("dqkw_tangent", c["PREC"])))
+           num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)
@@ -541,8 +541,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdg = tdG2 if gate is not None else tdbeta
     warps, bkb, bvb = tangent_launch(c, "wy", q.dtype, gate is not None)
     launch(wy_bwd_tangent_kernel, (NC, B * H), *args, tdk, tdv, tdbeta, tdg, DC, tDC, T, N, BQ=c["BQ"], BKB=bkb,
-           BVB=bvb, SPLIT=split, num_warps=warps,
-           **dict(common, PREC=TUNING.kernel_prec("wy_bwd_tangent", c["PREC"])))
+           BVB=bvb, SPLIT=split, num_warps=warps, **common)
     if split:
         warps, bkb, bvb = cols
         launch(wy_cols_tangent_kernel, (tiles, NC, B * H), *args, DC, tDC, tdk, tdv, tdbeta, tdg, T, N,

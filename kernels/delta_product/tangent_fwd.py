@@ -326,8 +326,7 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tTi, tW, tU0 = twin(Ti), twin(W), alloc(B, H, N, V, device=q.device, dtype=q.dtype)
     warps, bkb, bvb = tangent_launch(c, "prep", q.dtype, gate is not None)
     launch(prep_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, BKB=bkb,
-           BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps,
-           **dict(common, PREC=TUNING.kernel_prec("prep_tangent", c["PREC"])))
+           BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     launch_scan(scan_h_tangent_kernel, c, c["BVS"], k, G, W, Hs, U, tk, tG, tW, tU0, th0 if th0 is not None else W,

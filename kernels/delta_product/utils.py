@@ -36,8 +36,8 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0),
                   "wy": (4, 0.25), "wy_cols": (4, 0.5)}
-#: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` at 8 warps and half
-#: tiles; ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
+#: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` (8 warps and half tiles then;
+#: below); ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
 #: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a);
 #: the scans at 4 warps, split (``Tuning.scan_split``) on ``bv_scan`` columns (``Tuning.scan_cols``): gated at n_h = 2,
 #: ``scan_h_tangent`` 3.18 against 5.37 ms and ``scan_dh_tangent`` 4.55 against 6.13 unsplit at 8 warps and 64

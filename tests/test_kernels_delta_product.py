@@ -17,7 +17,7 @@ import triton.language as tl
 
 from kernels.delta_product import chunk_bwd, chunk_delta_product, chunk_fwd, tangent_bwd, tangent_fwd
 from kernels.delta_product import utils
-from kernels.delta_product.common import tf32_low
+from kernels.delta_product.common import dot, tf32_low
 from kernels.delta_product.utils import TUNING, Tuning
 from lrnn.ops.recurrent import delta_product_recurrent
 from tests.lrnn_inputs import make_inputs, rel_err
@@ -200,9 +200,17 @@ def _tf32_low_kernel(x, lo, N: tl.constexpr):
     tl.store(lo + o, tf32_low(tl.load(x + o)))
 
 
+@triton.jit
+def _dot_kernel(a, b, c, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    o_m, o_k, o_n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    b_a = tl.load(a + o_m[:, None] * K + o_k[None, :])
+    b_b = tl.load(b + o_k[:, None] * N + o_n[None, :])
+    tl.store(c + o_m[:, None] * N + o_n[None, :], dot(b_a, b_b, PREC))
+
+
 def test_tf32x3t_split_and_its_error_bound():
-    """``tf32_low`` (interpreted) is ``x`` less its 19 high bits, bit for bit; the three TF32 passes of
-    ``dot_tf32x3t`` on that split, with the tensor cores' truncating read emulated in float64, stay within
+    """``tf32_low`` (interpreted) is ``x`` less its 19 high bits, bit for bit; ``dot`` at ``"tf32x3t"`` (interpreted)
+    sums the three passes; those passes, with the tensor cores' truncating read emulated in float64, stay within
     ``3·2⁻²⁰ Σ_k |a_ik| |b_kj|`` of ``a @ b``, a bound that one TF32 pass breaks."""
     n = 1024
     x = torch.randn(n) * 2.0 ** torch.randint(-60, 60, (n,)).float()
@@ -215,8 +223,14 @@ def test_tf32x3t_split_and_its_error_bound():
     def read(t):  # what a TF32 tensor-core pass reads of a float32 operand: its 19 high bits
         return (t.view(torch.int32) & ~0x1FFF).view(torch.float32).double()
 
-    a, b = torch.randn(64, 128), torch.randn(128, 96)
+    a, b = torch.randn(64, 128), torch.randn(128, 32)
     a_lo, b_lo = a - read(a).float(), b - read(b).float()
+    # the kernel's three passes: the interpreter multiplies in float32 without the TF32 read, so it sums
+    # a_lo b + a b_lo + a b as they are
+    c = torch.empty(64, 32)
+    _dot_kernel[(1,)](a, b, c, 64, 128, 32, "tf32x3t")
+    passes = a_lo.double() @ b.double() + a.double() @ b_lo.double() + a.double() @ b.double()
+    assert rel_err(c.double(), passes) < 1e-6
     three = read(a_lo) @ read(b) + read(a) @ read(b_lo) + read(a) @ read(b)
     exact, bound = a.double() @ b.double(), 3 * 2.0 ** -20 * (a.double().abs() @ b.double().abs())
     assert ((three - exact).abs() <= bound).all()

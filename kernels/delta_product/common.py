@@ -91,26 +91,32 @@ def tf32_low(x):
 
 
 @triton.jit
-def dot_tf32x3t(a, b, acc=None):
-    """``acc + a @ b`` in three TF32 passes on a truncation split, ``a_lo b + a b_lo + a b`` with
+def dot_tf32x3t(a, b):
+    """``a @ b`` in three TF32 passes on a truncation split, ``a_lo b + a b_lo + a b`` with
     ``x_lo = x − ⌊x⌋₁₉`` (:func:`tf32_low`): the tensor cores read ``a`` and ``b`` as they are, so only the low parts
     are formed in registers, where ``tf32x3`` rounds both halves of both operands. The dropped ``a_lo b_lo`` and the
     truncated low parts leave a relative error of at most ``3·2⁻²⁰`` per product, against ``1.25·2⁻²⁰``."""
     a = a.to(tl.float32)
     b = b.to(tl.float32)
-    acc = tl.dot(tf32_low(a), b, acc, input_precision="tf32")
+    acc = tl.dot(tf32_low(a), b, input_precision="tf32")
     acc = tl.dot(a, tf32_low(b), acc, input_precision="tf32")
     return tl.dot(a, b, acc, input_precision="tf32")
 
 
 @triton.jit
-def mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
-    """``a @ b`` with operands cast to ``DOT`` and float32 accumulation (``PREC = "tf32x3t"``: :func:`dot_tf32x3t`)."""
+def dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr = tl.float32):
+    """``a @ b`` at ``input_precision = PREC``, accumulated in ``ACC`` (``PREC = "tf32x3t"``: :func:`dot_tf32x3t`)."""
     if PREC == "tf32x3t":
         out = dot_tf32x3t(a, b)
     else:
-        out = tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+        out = tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
     return out
+
+
+@triton.jit
+def mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``a @ b`` with operands cast to ``DOT`` and float32 accumulation (:func:`dot`)."""
+    return dot(a.to(DOT), b.to(DOT), PREC)
 
 
 @triton.jit

@@ -58,10 +58,11 @@ def _keyword_key(v):
 def kernel_options(kernel, kwargs: dict) -> dict:
     """``kwargs`` with the matmul precision ``PREC`` that ``Tuning.trunc_split`` gives ``kernel``
     (:meth:`~kernels.delta_product.utils.Tuning.kernel_prec`, by the kernel's name without ``_kernel``)."""
-    if "PREC" not in kwargs:
+    prec = kwargs.get("PREC")
+    if prec is None:
         return kwargs
-    name = getattr(getattr(kernel, "fn", kernel), "__name__", "").removesuffix("_kernel")
-    return dict(kwargs, PREC=TUNING.kernel_prec(name, kwargs["PREC"]))
+    kept = TUNING.kernel_prec(getattr(getattr(kernel, "fn", kernel), "__name__", "").removesuffix("_kernel"), prec)
+    return kwargs if kept == prec else dict(kwargs, PREC=kept)  # a copy only where the precision changes
 
 
 def launch(kernel, grid: tuple[int, ...], *args, max_stages: int | None = None, **kwargs) -> None:

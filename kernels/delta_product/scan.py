@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.delta_product.common import dot_tf32x3t
+from kernels.delta_product.common import dot
 from kernels.delta_product.launch import launch
 from kernels.delta_product.utils import alloc, cdiv, dot_config, interpreting, next_pow2
 
@@ -89,12 +89,7 @@ def _load_state(ptr, o_v, m_v, K, V, BKT: tl.constexpr, NKB: tl.constexpr, ACC: 
 def _dot(ptr, r, c, R, C, rhs, BR: tl.constexpr, BC: tl.constexpr, TRANSPOSE: tl.constexpr,
          PREC: tl.constexpr, ACC: tl.constexpr):
     """``op(M)[r, c] @ rhs`` for the block of :func:`_tile`."""
-    lhs = _tile(ptr, r, c, R, C, BR, BC, TRANSPOSE)
-    if PREC == "tf32x3t":
-        out = dot_tf32x3t(lhs, rhs)
-    else:
-        out = tl.dot(lhs, rhs, input_precision=PREC, out_dtype=ACC)
-    return out
+    return dot(_tile(ptr, r, c, R, C, BR, BC, TRANSPOSE), rhs, PREC, ACC)
 
 
 @triton.jit

@@ -19,11 +19,15 @@ shown to change nothing the GPU runs, and timings and checks of one tree hold fo
 A kernel that compiles here may still fail on a GPU at run time (an illegal memory access is not a
 compile-time error), and registers do not give times: this is a check before a GPU run, not instead.
 
+With ``--opcodes`` each row also counts the kernel's SASS instructions by opcode (``cuobjdump -sass``).
+
     python benchmarks/kernels_resources.py [--dtypes bfloat16 float32] [--nh 1 2 3] [--gates off on] [--D 128]
+        [--opcodes]
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
 import re
@@ -80,15 +84,27 @@ def code_hash(ptx: str) -> str:
     return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:12]
 
 
-def cubin_usage(cubin: bytes, name: str) -> dict:
-    """Registers per thread and stack frame bytes (spills) of the function ``name`` in a cubin, by
-    ``cuobjdump -res-usage``."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def sass_opcodes(cubin: bytes) -> dict[str, int]:
+    """How many SASS instructions of each opcode (without its modifiers) a cubin holds, most frequent first."""
+    ops = collections.Counter(m[1].split(".")[0] for m in re.finditer(
+        r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", cuobjdump(cubin, "-sass"), re.M))
+    return dict(ops.most_common())
+
+
+def cubin_usage(cubin: bytes, name: str) -> dict:
+    """Registers per thread and stack frame bytes (spills) of the function ``name`` in a cubin, by
+    ``cuobjdump -res-usage``."""
+    out = cuobjdump(cubin, "-res-usage")
     found = re.search(rf"Function {name}:\s*REG:(\d+) STACK:(\d+)", out)
     if found is None:
         raise RuntimeError(f"no resource usage of `{name}` in:\n{out}")
@@ -98,8 +114,9 @@ def cubin_usage(cubin: bytes, name: str) -> dict:
 class Compiler:
     """A stand-in for :func:`kernels.delta_product.launch.launch` that compiles and records, never runs."""
 
-    def __init__(self):
+    def __init__(self, opcodes: bool = False):
         self.rows: list[dict] = []
+        self.opcodes = opcodes
 
     def __call__(self, kernel, grid, *args, num_warps: int = 4, max_stages: int | None = None, **kwargs) -> None:
         kwargs = kernel_options(kernel, kwargs)  # the precision a launch would pass (Tuning.trunc_split)
@@ -114,12 +131,14 @@ class Compiler:
         self.rows.append(dict(kernel=name, warps=num_warps, stages=stages, shared=ck.metadata.shared,
                               fits=ck.metadata.shared <= MAX_SHARED, compile_s=round(time.time() - start, 1),
                               code=code_hash(ck.asm["ptx"]), **cubin_usage(ck.asm["cubin"], name)))
+        if self.opcodes:
+            self.rows[-1]["sass"] = sass_opcodes(ck.asm["cubin"])
 
 
-def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int) -> list[dict]:
+def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int, opcodes: bool = False) -> list[dict]:
     """Compile the forward, backward, tangent forward and tangent backward kernels for one configuration
     (an initial state and a final state, as in the benchmarks' HVP)."""
-    compiler = Compiler()
+    compiler = Compiler(opcodes)
     modules = (chunk_fwd, chunk_bwd, tangent_fwd, tangent_bwd)
     launches = [m.launch for m in modules]
     for m in modules:
@@ -149,20 +168,24 @@ def main() -> None:
     ap.add_argument("--nh", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--gates", nargs="+", choices=("off", "on"), default=["off", "on"])
     ap.add_argument("--D", type=int, default=128, help="key and value head dim")
+    ap.add_argument("--opcodes", action="store_true",
+                    help="also count each kernel's SASS instructions by opcode (the row's `sass`; printed: the total)")
     ap.add_argument("--json", default="kernels_resources.json", help="file name under --out")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         ap.error("unset TRITON_INTERPRET: the kernels are compiled for the GPU, not interpreted")
     res = run_and_save(lambda: [row for dtype in args.dtypes for n_h in args.nh for gate in args.gates
-                                for row in compile_all(getattr(torch, dtype), n_h, gate == "on", args.D)],
+                                for row in compile_all(getattr(torch, dtype), n_h, gate == "on", args.D, args.opcodes)],
                        args.out, args.json, target="sm_90a (H100), compiled ahead of time", D=args.D)
     print(f"{'dtype':>8} {'n_h':>3} {'gate':>5} {'kernel':>24} {'warps':>5} {'stages':>6} {'regs':>4} "
           f"{'spill B':>7} {'shared KB':>9} {'code':>12}")
     for r in res["rows"]:
         flag = "" if r["fits"] else "  does not fit"
+        sass = "" if "sass" not in r else f"  SASS {sum(r['sass'].values())}: " + " ".join(
+            f"{op} {n}" for op, n in list(r["sass"].items())[:6])
         print(f"{r['dtype']:>8} {r['n_h']:>3} {str(r['gate']):>5} {r['kernel']:>24} {r['warps']:>5} {r['stages']:>6} "
-              f"{r['regs']:>4} {r['stack']:>7} {r['shared'] / 1024:9.1f} {r['code']:>12}{flag}")
+              f"{r['regs']:>4} {r['stack']:>7} {r['shared'] / 1024:9.1f} {r['code']:>12}{flag}{sass}")
 
 
 if __name__ == "__main__":

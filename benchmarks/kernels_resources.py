@@ -151,6 +151,12 @@ def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int, opcodes: bool 
         G = torch.zeros(B, T, H) if gate else None
         _, _, saved = chunk_fwd.chunk_fwd(q, k, v, beta, G, h0, 0.1, True)
         _, mids = chunk_bwd.chunk_bwd(q, k, v, beta, G, h0, 0.1, saved, q, h0)
+        if gate:  # the tangent kernels read the differentiable backward's intermediates (Tuning.gate_mids)
+            for m in modules:
+                m.launch = lambda *_, **__: None
+            _, mids = chunk_bwd.chunk_bwd(q, k, v, beta, G, h0, 0.1, saved, q, h0, differentiable=True)
+            for m in modules:
+                m.launch = compiler
         tangents = (q, k, v, beta, h0)
         gates = (G, torch.zeros_like(G)) if gate else None
         _, _, tsaved = tangent_fwd.chunk_fwd_tangent(q, k, v, beta, h0, 0.1, saved, tangents, True, gate=gates)

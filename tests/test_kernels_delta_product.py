@@ -114,6 +114,7 @@ def tuned():
         ("inverse=tiles,bwd_store=input,warps_wy=8,stages=2,wy_late=off", torch.float32, 1, 16, 16, True),
         ("inverse=tiles,block=128,warps_prep=8,warps_dqkw=8", torch.float32, 2, 80, 72, True),  # one K / V block
         ("tile_wy=16,wy_late=on", torch.float32, 2, 40, 36, True),  # wy_bwd over three masked tiles
+        ("tile_prep=16,tile_dqkw=16", torch.float32, 2, 40, 36, True),  # prep and dqkw over three masked tiles
         ("fuse_out=on,bv_fused=32,fuse_min_programs=0", torch.float32, 2, 80, 72, True),  # the output in the scan, state halves (second one masked)
         ("bv_fused=16,stages_dh=1,fuse_min_programs=0", torch.bfloat16, 3, 40, 72, True),  # five value tiles, 21-token chunks
         ("fuse_out=off,stages_dh=2", torch.float32, 1, 32, 32, False),
@@ -270,9 +271,11 @@ def test_tuning_spec_is_validated():
     assert Tuning().prep_warps(torch.bfloat16) == 2 and Tuning().prep_warps(torch.float32) == 4
     assert Tuning().wy_tile(torch.bfloat16) == 64 and Tuning().wy_tile(torch.float32) == 32
     assert Tuning().update("tile_wy=64").wy_tile(torch.float32) == 64
+    assert Tuning().update("tile_dqkw=32").kernel_tile("dqkw", torch.float32) == 32
+    assert Tuning().kernel_tile("prep", torch.bfloat16) == 128 and Tuning().kernel_tile("dqkw", torch.float32) == 32
     assert Tuning().update("block=16").wy_tile(torch.bfloat16) == 16
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    for refused in ("tile_wy=48", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
+    for refused in ("tile_wy=48", "tile_dqkw=48", "gate_mids=yes", "block=8", "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "wy_late=yes", "stages_scan=0", "stages=5",
                     "stages_dh=5", "stages_dual=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",
                     "tangent_tiles=on", "tangent_tiles=f32", "scan_groups=-1", "group_min_chunks=-2",  # float32 tiles: illegal memory access

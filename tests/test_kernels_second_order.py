@@ -266,16 +266,21 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     """``TUNING.tangent_gate``: the double backward and ``torch.func.jvp`` of gated inputs (``g`` with a
     direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
     poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype. With a gate
-    the tangent scans read float32 rows even when ``tangent_tiles`` is on (set here in half the cases)."""
+    the tangent scans read float32 rows even when ``tangent_tiles`` is on (set here in half the cases), and
+    ``dqkw_tangent`` reads the gate products the backward stored (``gate_mids``: by default in float32; here also
+    in the bf16 cases of ``wy_split = "on"``, and not in the float32 one of ``"off"``)."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
     monkeypatch.setattr(TUNING, "tangent_tiles", "bf16" if T % 20 == 0 else "off")
+    gate_mids = {"on": "on", "off": "off"}.get(wy_split, "f32")
+    monkeypatch.setattr(TUNING, "gate_mids", gate_mids)
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,
-             lambda *a, _n=name, **kw: (_n, kw.get("gate") is not None))
+             lambda *a, _n=name, **kw: (_n, kw.get("gate") is not None, _n == "chunk_bwd_tangent" and
+                                        a[8][3].numel() > 0))
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
 
     def kernel(**a):
@@ -283,7 +288,8 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
 
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
     # the double backward (a tangent forward and backward) and the jvp (a tangent forward), all gated
-    assert sorted(calls) == [("chunk_bwd_tangent", True)] + [("chunk_fwd_tangent", True)] * 2, calls
+    stored = TUNING.on("gate_mids", dtype)
+    assert sorted(calls) == [("chunk_bwd_tangent", True, stored)] + [("chunk_fwd_tangent", True, False)] * 2, calls
 
 
 @pytest.mark.parametrize("T, n_h, K, V, dtype, gate, groups", [

@@ -130,13 +130,13 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 
 
 class ChunkDeltaProductBackward(torch.autograd.Function):
-    """``(q, k, v, beta, G, h0, do, dht, scale, Ti, W, Hs, U) → (dq, dk, dv, dbeta, dG, dh0, dU, dHs, dW)``
-    by the fused backward kernels (the last three: non-differentiable intermediates that the tangent
-    kernels read); its backward and ``jvp`` (second order) by :func:`_second_order`."""
+    """``(q, k, v, beta, G, h0, do, dht, scale, Ti, W, Hs, U) → (dq, dk, dv, dbeta, dG, dh0, dU, dHs, dW, gm)``
+    by the fused backward kernels (the last four: non-differentiable intermediates that the tangent
+    kernels read; ``gm`` the gate products, :func:`~kernels.delta_product.chunk_bwd.gate_mid_views`); its backward and ``jvp`` (second order) by :func:`_second_order`."""
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, do, dht, scale, *saved):
-        grads, mids = chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht)
+        grads, mids = chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, differentiable=True)
         return grads + mids
 
     @staticmethod
@@ -170,7 +170,7 @@ class ChunkDeltaProductBackward(torch.autograd.Function):
             tdo = torch.zeros_like(do) if tdo is None else tdo
             lin = _apply(ChunkDeltaProductBackward, q, k, v, beta, G, h0, tdo, tdht, ctx.scale, *rest[:4])[:6]
             gx = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(gx, lin))
-        return tuple(gx) + (None,) * 3
+        return tuple(gx) + (None,) * 4
 
 
 def _second_order(scale: float, primals: tuple[Tensor | None, ...], kept: list[Tensor], do: Tensor,
@@ -236,7 +236,7 @@ class DualForward(_NoThirdOrder):
 
 
 class DualBackward(_NoThirdOrder):
-    """``(q, k, v, beta, h0, do, dht, scale, need_jx, G, Ġ, Ti, W, Hs, U, dU, dHs, dW, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇,
+    """``(q, k, v, beta, h0, do, dht, scale, need_jx, G, Ġ, Ti, W, Hs, U, dU, dHs, dW, gm, Ṫ, Ẇ, Ḣs, U̇, q̇, k̇, v̇,
     β̇, ḣ0) → (H ẋ for q, k, v, β, G, h0; ȯ, ḣ_T)``: the forward and backward tangent kernels at the forward's
     ``saved`` and the backward's intermediates for the cotangents ``(do, dht)``; the tangents of the
     gradients are the Hessian-vector product ``∇²_x ⟨f(x), (do, dht)⟩ ẋ`` (``G``, ``Ġ`` and the ``G`` entry
@@ -250,8 +250,8 @@ class DualBackward(_NoThirdOrder):
         return _dual_backward(*args)
 
 
-def _dual_backward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs, U, dU, dHs, dW, tTi, tW, tHs, tU,
-                   *tangents):
+def _dual_backward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs, U, dU, dHs, dW, gm, tTi, tW, tHs,
+                   tU, *tangents):
     """:class:`DualBackward`'s forward: the tangent kernels, forward (unless the tangents of ``saved`` are
     given) then backward."""
     saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
@@ -259,7 +259,7 @@ def _dual_backward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs,
     if tTi is None:
         to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
                                             need_jx and dht is not None, output=need_jx, gate=gate)
-    hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW), tangents, tsaved, gate=gate)
+    hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW, gm), tangents, tsaved, gate=gate)
     return hvp + (to, tht)
 
 

@@ -225,13 +225,17 @@ def _dk_loop(U, dHs, dHl, Hs, h_ptr, i_bh, N, n_i, m_i, o_k, m_k, b_dkt, b_hdh, 
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
-def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, NC, B, H,
+def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, GQ, GK, GH, scale, T, N, NC, B, H,
                 K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                 BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                SPLIT: tl.constexpr, SPLIT_DS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                SPLIT: tl.constexpr, SPLIT_DS: tl.constexpr, STORE_GM: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head); gate terms are partial sums over key blocks. ``SPLIT``
     (``Tuning.dqkw_split``): three loops over ``V`` (``dW``; ``dO Sᵀ`` and ``dP``; ``U dS_{c+1}ᵀ``, with a gate once
-    ``dQ`` is stored and ``dP ⊙ P`` summed), not one. ``SPLIT_DS``: ``dS_{c+1}`` read as two bf16 halves (:func:`_dk_tile`, ``Tuning.gate_dk``)."""
+    ``dQ`` is stored and ``dP ⊙ P`` summed), not one. ``SPLIT_DS``: ``dS_{c+1}`` read as two bf16 halves (:func:`_dk_tile`, ``Tuning.gate_dk``).
+    ``STORE_GM`` (with a gate, ``Tuning.gate_mids``): the gate's products ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
+    ``Σ_v S ⊙ dS_{c+1}`` also stored, at ``GQ [B·H, T, K]``, ``GK [B·H, N, K]`` and ``GH [B·H, NC, K]``, for
+    :func:`~kernels.delta_product.tangent_bwd.dqkw_tangent_kernel`."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -276,6 +280,8 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
         g_i = tl.load(G + (i_b * T + tok_i) * H + i_h, mask=m_i, other=0.0)
         b_dpm = b_dp * masked_exp(g_t[:, None] - g_i[None, :], m_s)
         a_t = tl.exp(g_t) * tl.sum(b_dqa * b_q, 1)
+        if STORE_GM:
+            store_rows(GQ + i_bh * T * K, b_dqa, t_t, m_t, K, o_k, m_k)
         b_dq = b_dqa * tl.exp(g_t)[:, None] + mm(b_dpm, b_k, DOT, PREC)
     else:
         b_dpm = tl.where(m_s, b_dp, 0.0)
@@ -291,6 +297,9 @@ def dqkw_kernel(q, k, G, Hs, dHs, dHl, U, dU, dO, dq, dk, dW, dG, scale, T, N, N
         b_dkt, b_hdh = _dk_loop(U, dHs, dHl, Hs, h_ptr, i_bh, N, n_i, m_i, o_k, m_k, b_dkt, b_hdh, V, BVB, USE_G,
                                 SPLIT_DS, DOT, PREC)
     if USE_G:  # K̃ = diag(e^{G_L − G}) K: its row factors taken out of the sums
+        if STORE_GM:
+            store_rows(GK + i_bh * N * K, b_dkt, n_i, m_i, K, o_k, m_k)
+            tl.store(GH + (i_bh * NC + i_c) * K + o_k, b_hdh, mask=m_k)
         g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
         e_i = tl.exp(g_l - g_i)
         b_dkk = tl.where(o_i // NH == t_last, 0.0, e_i * tl.sum(b_dkt * b_k, 1))
@@ -402,17 +411,27 @@ def wy_bwd_kernel(k, v, beta, G, Ti, dW, dU, dk_in, dk, dv, dbeta, dG, T, N, H, 
         store_db_dg(dbeta, dG, b_db, b_dg, rows, m_i, o_i, i_c, i_b, i_h, T, H, NH, CT, BQ, USE_G)
 
 
-def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
+def gate_mid_views(gm: torch.Tensor, B: int, H: int, T: int, N: int, NC: int,
+                   K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dO S_cᵀ [B·H, T, K]``, ``U dS_{c+1}ᵀ [B·H, N, K]`` and ``Σ_v S_c ⊙ dS_{c+1} [B·H, NC, K]``: the views of
+    the flat float32 buffer ``gm`` that ``dqkw_kernel`` fills with ``STORE_GM`` (``Tuning.gate_mids``)."""
+    gq, gk, gh = gm.split((B * H * T * K, B * H * N * K, B * H * NC * K))
+    return gq.view(B * H, T, K), gk.view(B * H, N, K), gh.view(B * H, NC, K)
+
+
+def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht, differentiable: bool = False):
     """Run the four backward kernels.
 
     Args: the forward's inputs (``beta``, ``G`` float32), ``saved = (Ti, W, Hs, U)`` from
     :func:`~kernels.delta_product.chunk_fwd.chunk_fwd`, ``do [B, T, H, V]`` and ``dht [B, H, K, V]``
-    or None.
+    or None; ``differentiable``: the tangent kernels may follow (then, with a gate and ``Tuning.gate_mids``,
+    ``dqkw`` also stores its gate products).
 
     Returns:
-        ``((dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW))``: ``dq, dk, dv`` in the input dtype, ``dbeta,
+        ``((dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW, gm))``: ``dq, dk, dv`` in the input dtype, ``dbeta,
         dG, dh0`` in float32 (``dG``/``dh0`` None without gate / initial state); ``dU``, ``dHs`` (the
-        cotangents of the chunk-final states) and ``dW``, the intermediates that
+        cotangents of the chunk-final states), ``dW`` and ``gm`` (the gate products, :func:`gate_mid_views`;
+        empty when not stored), the intermediates that
         :func:`~kernels.delta_product.tangent_bwd.chunk_bwd_tangent` reads.
     """
     Ti, W, Hs, U = saved
@@ -446,10 +465,14 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
     dk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     dW = alloc(B, H, N, K, device=dev, dtype=mid)
     dG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if use_g else None
+    store_gm = use_g and differentiable and TUNING.on("gate_mids", q.dtype)
+    gm = alloc(B * H * (T + N + NC) * K if store_gm else 0, device=dev, dtype=f32)
+    gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if store_gm else (dW,) * 3
     launch(dqkw_kernel, (nkb, NC, B * H), q, k, gp, Hs, dHs, dHl, U, dU, do, dq, dk_part, dW, dG1 if use_g else dW,
-           scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=c["BVB"], USE_G=use_g,
-           SPLIT=TUNING.on("dqkw_split", q.dtype), SPLIT_DS=split_ds, num_warps=TUNING.warps_dqkw,
-           **common)
+           gq, gk, gh, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd,
+           BVB=min(c["BVP"], TUNING.kernel_tile("dqkw", q.dtype)), USE_G=use_g,
+           SPLIT=TUNING.on("dqkw_split", q.dtype), SPLIT_DS=split_ds, STORE_GM=store_gm,
+           num_warps=TUNING.warps_dqkw, **common)
     dk = alloc(*k.shape, device=dev, dtype=k.dtype)
     dv = alloc(*v.shape, device=dev, dtype=v.dtype)
     dbeta = alloc(B, T, c["NH"], H, device=dev, dtype=f32)
@@ -459,4 +482,4 @@ def chunk_bwd(q, k, v, beta, G, h0, scale, saved, do, dht):
            dG2 if use_g else dbeta, T, N, BQ=c["BQ"], BKB=min(c["BK"], wy), BVB=min(c["BVP"], wy),
            USE_G=use_g, LATE=TUNING.on("wy_late", q.dtype), num_warps=TUNING.warps_wy, **common)
     dG = dG1.sum(0) + dG2 if use_g else None
-    return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW)
+    return (dq, dk, dv, dbeta, dG, dh0), (dU, dHs, dW, gm)

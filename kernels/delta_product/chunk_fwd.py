@@ -254,8 +254,9 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, G: Tensor | None, h
     Ti = alloc(B, H, N, BT, device=dev, dtype=torch.float32)
     W = alloc(B, H, N, K, device=dev, dtype=st)
     U0 = alloc(B, H, N, V, device=dev, dtype=st)
-    launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, T, N, BKB=c["BKB"], BVB=c["BVB"], USE_G=use_g,
-           PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, INV_TILES=TUNING.inverse == "tiles",
+    tp = TUNING.kernel_tile("prep", q.dtype)
+    launch(prep_kernel, (NC, B * H), k, v, beta, gp, Ti, W, U0, T, N, BKB=min(c["BK"], tp), BVB=min(c["BVP"], tp),
+           USE_G=use_g, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, INV_TILES=TUNING.inverse == "tiles",
            num_warps=TUNING.prep_warps(q.dtype), **common)
     Hs = alloc(B, H, NC, K, V, device=dev, dtype=st)
     U = alloc(B, H, N, V, device=dev, dtype=st)

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.delta_product.chunk_fwd import launch_config, launch_scan
-from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, own_tokens, store_db_dg
+from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, gate_mid_views, own_tokens, store_db_dg
 from kernels.delta_product.common import (
     chunk_gate_end,
     causal_mask,
@@ -202,14 +202,15 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
-def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, scale, T,
-                        N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
+def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, GQ, GK, GH,
+                        scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                         BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
-    ``Σ S ⊙ dS_{c+1}``."""
+    ``Σ S ⊙ dS_{c+1}``: formed here, or with ``LOAD_GM`` read from ``GQ, GK, GH``, where the primal ``dqkw``
+    stored them (``Tuning.gate_mids``)."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -239,14 +240,15 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
         b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
         b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
-        if USE_G:
+        if USE_G and not LOAD_GM:
             b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
         b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
         if USE_G:
-            b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-            b_hdh += tl.sum(b_h * b_dh, 1)
+            if not LOAD_GM:
+                b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+                b_hdh += tl.sum(b_h * b_dh, 1)
             b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
@@ -256,6 +258,8 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     # dẆ above, then dQ̇, dK̇ and the gate's terms, each stored when formed (fewer tiles alive at once)
     if USE_G:
+        if LOAD_GM:
+            b_dqa = load_rows(GQ + i_bh * T * K, t_t, m_t, K, o_k, m_k)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
@@ -274,6 +278,9 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         tpp_t, tpp_i = tl.sum(b_tdpp, 1), tl.sum(b_tdpp, 0)
     b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
     if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
+        if LOAD_GM:
+            b_dkt = load_rows(GK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
+            b_hdh = tl.load(GH + (i_bh * NC + i_c) * K + o_k, mask=m_k, other=0.0)
         g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
         a_i, ta_i = g_l - g_i, tg_l - tg_i
         b_tdkk = tl.where(o_i // NH == t_last, 0.0,
@@ -487,7 +494,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
 
     Args:
         q, k, v, beta, h0, scale, saved, do: as for :func:`~kernels.delta_product.chunk_bwd.chunk_bwd`;
-        mids: its ``(dU, dHs, dW)``; tangents: ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
+        mids: its ``(dU, dHs, dW, gm)`` (``gm`` empty: the gate products are formed again); tangents: ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
         :func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent` (``do`` and ``dht`` held fixed, and the
         same ``gate``); gate: ``(G, Ġ)`` as for ``chunk_fwd_tangent``, or None without a gate.
 
@@ -496,7 +503,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         initial state): the Hessian-vector product ``∇²⟨f, (do, dht)⟩ ẋ``.
     """
     Ti, W, Hs, U = saved
-    dU, dHs, dW = mids
+    dU, dHs, dW, gm = mids
     tq, tk, tv, tbeta, _ = tangents
     tTi, tW, tHs, tU = tsaved
     c = launch_config(q, k, v, True)
@@ -526,9 +533,11 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
     tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
+    load_gm = gate is not None and gm.numel() > 0
+    gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if load_gm else (tdW,) * 3
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
-           tdk_part, tdW, tdG1 if gate is not None else tdW, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb,
-           num_warps=warps, **common)
+           tdk_part, tdW, tdG1 if gate is not None else tdW, gq, gk, gh, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd,
+           BVB=bvb, LOAD_GM=load_gm, num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

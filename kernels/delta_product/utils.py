@@ -105,6 +105,8 @@ class Tuning:
         block: key / value columns per tile of the parallel kernels (their loops over ``K`` and
             ``V``; the output and ``dv_local`` grids split ``V`` by it); 0 chooses by dtype (:meth:`tile`).
         tile_wy: key / value columns per tile of ``wy_bwd``; 0: half of :meth:`tile` (:meth:`wy_tile`).
+        tile_prep, tile_dqkw: key / value columns per tile of ``prep`` and value columns per step of ``dqkw``'s
+            loops; 0: by dtype (:meth:`kernel_tile`).
         bk_dqkw: key columns per program of ``dqkw`` (64: two programs per chunk at ``K = 128``).
         stages: deepest software pipeline tried (``launch`` steps down when it does not fit).
         stages_scan: the same for the chunk scans ``scan_h`` and ``scan_dh`` (at most ``stages``). On an H100
@@ -212,6 +214,11 @@ class Tuning:
             ``kernels_knobs_gate_dk_hvp.json``); ``dS_{c+1}`` stored in float32 was slower (``scan_dh`` 0.53
             against 0.35 ms at n_h = 1), float32 operands at ``prec_f32`` slower still (fwd+bwd 18–31 % over
             ``"input"``, ``dqkw`` spilling).
+        gate_mids: with a gate, where the backward can be differentiated (:class:`~kernels.delta_product.chunk.
+            ChunkDeltaProductBackward`), ``dqkw`` also stores its gate products ``dO S_cᵀ``, ``U dS_{c+1}ᵀ`` and
+            ``Σ_v S_c ⊙ dS_{c+1}`` (float32, ``(T + N + NC)·K`` values a batch·head) and ``dqkw_tangent`` reads them
+            instead of forming them again: two fewer accumulators alive over its value loop. ``"on"``, ``"off"``,
+            ``"f32"`` (default) or ``"bf16"``.
     """
 
     inverse: str = "tiles"
@@ -230,6 +237,8 @@ class Tuning:
     bv_scan: int = 32
     block: int = 0
     tile_wy: int = 0
+    tile_prep: int = 0
+    tile_dqkw: int = 0
     bk_dqkw: int = 64
     stages: int = 3
     stages_scan: int = 2
@@ -254,6 +263,7 @@ class Tuning:
     tangent_gate: bool = True
     direct_launch: bool = True
     gate_dk: str = "split"
+    gate_mids: str = "f32"
 
     def kernel_prec(self, kernel: str, prec: str) -> str:
         """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
@@ -273,6 +283,13 @@ class Tuning:
         tiles spill 1.2 KB a thread) and bf16 from 0.59 to 0.50 ms (``kernels_knobs_wy.json``)."""
         return self.tile_wy or max(16, self.tile(dtype) // 2)
 
+    def kernel_tile(self, kernel: str, dtype: torch.dtype) -> int:
+        """Columns per tile of ``kernel`` (``"prep"`` or ``"dqkw"``): its ``tile_*`` field, or when 0, :meth:`tile`
+        for 16-bit inputs and half of it for float32 (at least 16). On an H100 at (4, 4096, 16, 128) the half tiles
+        take float32 fwd+bwd 3.1–3.6 % (gated 2.0–4.9 %) and the gated HVP 0.8–1.5 % below 64 columns, n_h = 1–3
+        (``dqkw`` 1.05 → 0.91 ms, ``prep`` 0.74 → 0.69 at n_h = 1; ``benchmarks/results/kernels_knobs_tiles_f32*.json``)."""
+        return getattr(self, f"tile_{kernel}") or max(16, self.tile(dtype) // (2 if dtype.itemsize == 4 else 1))
+
     def scan_cols(self, dtype: torch.dtype, dual: bool = False) -> int:
         """Value columns per program of the chunk scans: ``bv_scan``; of the tangent scans (``dual``) ``bv_dual``,
         or when 0, 64 for 16-bit inputs and ``bv_scan`` for float32, whose tangent scans then split their state
@@ -283,7 +300,8 @@ class Tuning:
 
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
-        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``) holds for inputs of ``dtype``."""
+        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``) holds for inputs of
+        ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
     def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
@@ -358,13 +376,13 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
-                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv")),
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv", "gate_mids")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
                               ("block_dual", (0, 16, 32, 64, 128)),
-                              ("block", (0, 16, 32, 64, 128)), ("tile_wy", (0, 16, 32, 64, 128)),
+                              ("block", (0, 16, 32, 64, 128)), *((n, (0, 16, 32, 64, 128)) for n in ("tile_wy", "tile_prep", "tile_dqkw")),
                               ("prec_inverse", precisions[:-1]), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

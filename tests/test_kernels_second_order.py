@@ -267,15 +267,17 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     direction too) by the tangent kernels with the gate's terms, against the float64 recurrence with
     poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype. With a gate
     the tangent scans read float32 rows even when ``tangent_tiles`` is on (set here in half the cases), and
-    ``dqkw_tangent`` reads the gate products the backward stored (``gate_mids``: by default in float32; here also
-    in the bf16 cases of ``wy_split = "on"``, and not in the float32 one of ``"off"``)."""
+    ``dqkw_tangent`` reads the gate products the backward stored (``gate_mids``), and ``dv_local_tangent`` forms the
+    tangent of the gate's ``dP ⊙ P`` terms (``gate_pp_dv``) and the tangent scan's gated tiles (``gate_tiles_dv``):
+    here all three in float32 and in the bf16 cases of ``wy_split = "on"``, none in the float32 case of ``"off"``
+    nor in the other bf16 case."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
     monkeypatch.setattr(TUNING, "tangent_tiles", "bf16" if T % 20 == 0 else "off")
-    gate_mids = {"on": "on", "off": "off"}.get(wy_split, "f32")
-    monkeypatch.setattr(TUNING, "gate_mids", gate_mids)
+    for knob in ("gate_mids", "gate_pp_dv", "gate_tiles_dv"):
+        monkeypatch.setattr(TUNING, knob, {"on": "on", "off": "off"}.get(wy_split, "f32"))
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,

@@ -61,11 +61,15 @@ from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl.constexpr, V: tl.constexpr,
-                            NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-                            BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr,
-                            PREC: tl.constexpr):
-    """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent."""
+def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, TQD, scale, T, N, H,
+                            K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
+                            BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
+                            GATE_PP: tl.constexpr, DECAYED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent. With
+    ``GATE_PP`` (``Tuning.gate_pp_dv``) also the tangent of the gate cotangent's ``dP ⊙ P`` terms over all of
+    ``K`` (``dP = dO Uᵀ`` formed here too), stored per token at ``tdG`` (:func:`_gate_pp_tangent`). With
+    ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``K̃``, ``K̃̇`` and ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at
+    ``KD``, ``TKD`` (like ``k``) and ``TQD`` (like ``q``), the gated tiles :func:`scan_dh_tangent_kernel` reads."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -73,24 +77,60 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, scale, T, N, H, K: tl
     b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, USE_G, DOT,
                        PREC)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
+    b_tsm = b_ts
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        _, b_ts = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
-    b_ts = tl.where(m_s, b_ts, 0.0)
+        _, b_tsm = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
+    b_tsm = tl.where(m_s, b_tsm, 0.0)
+    b_dp = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
-        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, o_v < V)
-        store_rows(tdUl + i_bh * N * V, mm(tl.trans(b_ts), b_do, DOT, PREC), n_i, m_i, V, o_v, o_v < V)
+        m_v = o_v < V
+        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
+        store_rows(tdUl + i_bh * N * V, mm(tl.trans(b_tsm), b_do, DOT, PREC), n_i, m_i, V, o_v, m_v)
+        if GATE_PP:
+            b_dp += mm(b_do, tl.trans(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)), DOT, PREC)
+            b_tdp += mm(b_do, tl.trans(load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)), DOT, PREC)
+    if GATE_PP:
+        b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
+        own, _ = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+        tl.store(tdG + (i_b * T + t_t) * H + i_h, _gate_pp_tangent(b_dpm, b_tdpm, b_s, b_ts, own), mask=m_t)
+    if DECAYED:
+        for i_k in range(tl.cdiv(K, BKB)):
+            o_k = i_k * BKB + tl.arange(0, BKB)
+            m_k = o_k < K
+            b_k, b_tk, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                               load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                               g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+            store_rows(KD + i_h * K, b_k, i_b * N + n_i, m_i, H * K, o_k, m_k)
+            store_rows(TKD + i_h * K, b_tk, i_b * N + n_i, m_i, H * K, o_k, m_k)
+            b_tq = exp_tangent(load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k),
+                               load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), g_t[:, None],
+                               tg_t[:, None])
+            store_rows(TQD + i_h * K, b_tq, i_b * T + t_t, m_t, H * K, o_k, m_k)
+
+
+@triton.jit
+def _gate_pp_tangent(b_dpm, b_tdpm, b_p, b_tp, own):
+    """The tangent of the ``dP ⊙ P`` terms of ``dG`` per token (:func:`~kernels.delta_product.chunk_bwd.
+    gate_cotangent` with only them): the row sums of ``R = dṖ ⊙ P + dP ⊙ Ṗ`` (``dP``, ``dṖ`` masked and decayed;
+    ``P``, ``Ṗ`` over the key columns at hand) minus the column sums of each token's micro-steps, ``R`` zero within
+    a token. Linear in ``(P, Ṗ)``, so key blocks' parts add up."""
+    b_r = tl.where(own, 0.0, b_tdpm * b_p + b_dpm * b_tp)
+    return tl.sum(b_r, 1) - tl.sum(tl.where(own, tl.sum(b_r, 0)[None, :], 0.0), 1)
 
 
 @triton.jit
 def _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, t_t, m_t, o_k, m_k,
-               o_v, m_v, K: tl.constexpr, V: tl.constexpr, CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr):
+               o_v, m_v, K: tl.constexpr, V: tl.constexpr, CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr,
+               DECAYED: tl.constexpr):
     """The key columns ``o_k`` of ``K``, ``K̇``, ``Q̇`` and the state rows ``o_k`` of ``dS_{c+1}`` for one chunk;
     with a gate ``K̃``, ``K̃̇`` (:func:`~kernels.delta_product.tangent_fwd.decayed_keys`) and
-    ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``, with ``G_L`` and ``Ġ_L`` (else 0). ``Q̇`` is scaled when ``WIDE``
-    (on the tiles, the products ``Q̇ᵀ dO`` and ``Ṗ`` are, instead)."""
+    ``diag(e^{G_q}) (Q̇ + diag(Ġ_q) Q)`` for ``Q̇``, with ``G_L`` and ``Ġ_L`` (else 0): formed here, or with
+    ``DECAYED`` read as they are from ``k``, ``tk``, ``tq`` (:func:`dv_local_tangent_kernel` stored them). ``Q̇`` is
+    scaled when ``WIDE`` (on the tiles, the products ``Q̇ᵀ dO`` and ``Ṗ`` are, instead)."""
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tq = load_operand(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k, WIDE)
@@ -98,7 +138,9 @@ def _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n
         b_tq = b_tq * scale
     b_dh = load_operand(dHs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     g_l, tg_l = 0.0, 0.0
-    if USE_G:
+    if DECAYED:
+        g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+    elif USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
@@ -122,7 +164,8 @@ def _tdh_update(b_tdh, b_tq, b_do, b_tw, b_du, b_w, b_tdu, scale, WIDE: tl.const
 def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale, i_c, i_b, i_h, i_bh,
               T, N, NC, o_k, m_k, o_v, m_v, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
               BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-              WIDE: tl.constexpr, FUSE_DV: tl.constexpr, STORE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+              WIDE: tl.constexpr, FUSE_DV: tl.constexpr, STORE: tl.constexpr, DECAYED: tl.constexpr, DOT: tl.constexpr,
+              PREC: tl.constexpr):
     """One chunk backwards: ``dṠ_{c+1} ↦ dṠ_c``, storing ``dṠ_{c+1}`` and ``dU̇ = dU̇_loc + K̇ dS_{c+1} + K dṠ_{c+1}``
     (:func:`_tdh_tiles`, :func:`_tdh_update`). The state is ``b_tdh`` (rows ``o_k``) and, with ``SPLIT``,
     ``b_tdh2`` (rows ``o_k + BK``), each with its own key columns. Tiles as float32 rows when ``WIDE``, else in the
@@ -137,7 +180,8 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
     b_k, b_tk, b_tq, b_dh, g_l, tg_l = _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n_i,
-                                                  m_i, tok_i, t_t, m_t, o_k, m_k, o_v, m_v, K, V, CT, USE_G, WIDE)
+                                                  m_i, tok_i, t_t, m_t, o_k, m_k, o_v, m_v, K, V, CT, USE_G, WIDE,
+                                                  DECAYED)
     if FUSE_DV:
         b_do = load_tile(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
         b_q = load_tile(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
@@ -151,7 +195,7 @@ def _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b
     if SPLIT:
         b_k2, b_tk2, b_tq2, b_dh2, _, _ = _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H,
                                                      n_i, m_i, tok_i, t_t, m_t, o_k2, m_k2, o_v, m_v, K, V, CT, USE_G,
-                                                     WIDE)
+                                                     WIDE, DECAYED)
         b_tdu += mm(b_tk2, b_dh2, DOT, PREC) + mm(b_k2, b_tdh2, DOT, PREC)
     if STORE:
         store_rows(tdU + i_bh * N * V, b_tdu, n_i, m_i, V, o_v, m_v)
@@ -177,8 +221,8 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
                            STORE_DH0, Sum, CG, NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
                            CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            SPLIT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, FUSE_DV: tl.constexpr,
-                           SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                           PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                           SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DECAYED: tl.constexpr, DOT: tl.constexpr,
+                           PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``WIDE``, ``FUSE_DV``: see ``_tdh_step`` (``FUSE_DV`` in place of :func:`dv_local_tangent_kernel`); ``BK``
     state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split`` on float32
     tiles). Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_bwd.scan_dh_kernel`."""
@@ -191,13 +235,13 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
         while i_c >= c0:
             b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
                                       i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BQ, BK,
-                                      SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DOT, PREC)
+                                      SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DECAYED, DOT, PREC)
             i_c -= 1
     else:
         for it in range(c1 - c0):
             b_tdh, b_tdh2 = _tdh_step(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU, b_tdh, b_tdh2, scale,
                                       c1 - 1 - it, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT,
-                                      BQ, BK, SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DOT, PREC)
+                                      BQ, BK, SPLIT, USE_G, WIDE, FUSE_DV, not SUMMARY, DECAYED, DOT, PREC)
     group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
@@ -205,12 +249,14 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, GQ, GK, GH,
                         scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                         BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, GATE_PP: tl.constexpr, DOT: tl.constexpr,
+                        PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
     ``Σ S ⊙ dS_{c+1}``: formed here, or with ``LOAD_GM`` read from ``GQ, GK, GH``, where the primal ``dqkw``
-    stored them (``Tuning.gate_mids``)."""
+    stored them (``Tuning.gate_mids``). ``GATE_PP``: the ``dP ⊙ P`` terms' tangent is formed here (per key
+    block), else by :func:`dv_local_tangent_kernel`."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -273,9 +319,10 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
     store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
     if USE_G:  # dṖ ⊙ P + dP ⊙ Ṗ, this key block, as its row and column sums
         own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-        b_tdpp = tl.where(own, 0.0, b_tdpm * mm(b_q, tl.trans(b_k), DOT, PREC)
-                          + b_dpm * (mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC)))
-        tpp_t, tpp_i = tl.sum(b_tdpp, 1), tl.sum(b_tdpp, 0)
+        tpp = 0.0
+        if GATE_PP:
+            tpp = _gate_pp_tangent(b_dpm, b_tdpm, mm(b_q, tl.trans(b_k), DOT, PREC),
+                                   mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), own)
     b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
     if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
         if LOAD_GM:
@@ -286,9 +333,9 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_tdkk = tl.where(o_i // NH == t_last, 0.0,
                           exp_tangent(tl.sum(b_dkt * b_k, 1), tl.sum(b_tdkt * b_k + b_dkt * b_tk, 1), a_i, ta_i))
         b_tdk += exp_tangent(b_dkt, b_tdkt, a_i[:, None], ta_i[:, None])
-        tdg = gate_cotangent(a_t, tpp_t, tpp_i, b_tdkk,
+        tdg = gate_cotangent(a_t, 0.0, 0.0, b_tdkk,
                              exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own, o_t, t_last)
-        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg, mask=m_t)
+        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg + tpp, mask=m_t)
     else:
         b_tdk += b_tdkt
     store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
@@ -516,28 +563,33 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     wide = TUNING.tangent_rows(q.dtype, gate is not None)
     fuse = not wide and TUNING.on("fuse_dv", q.dtype)
     tdUl = do if fuse else alloc(B, H, N, V, device=dev, dtype=mid)
-    if not fuse:
+    bkd = min(c["BK"], TUNING.bk_dqkw)
+    nkb = cdiv(K, bkd)
+    pp_dv = gate is not None and TUNING.on("gate_pp_dv", q.dtype)  # the gate's dP ⊙ P terms in dv_local_tangent
+    tdG1 = alloc(nkb + pp_dv, B, T, H, device=dev, dtype=f32) if gate is not None else None
+    decayed = gate is not None and TUNING.on("gate_tiles_dv", q.dtype)  # the scan's gated tiles stored by dv
+    kd, tkd, tqd = (alloc(*x.shape, device=dev, dtype=f32) for x in (k, k, q)) if decayed else (k, tk, tq)
+    if not fuse:  # with a gate, always (wide)
         warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
-        launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, scale, T, N, BQ=c["BQ"],
-               BKB=bkb, BVB=bvb, num_warps=warps, **common)
+        launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, U, tU,
+               tdG1[nkb] if pp_dv else tdUl, kd, tkd, tqd, scale, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
+               GATE_PP=pp_dv, DECAYED=decayed, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
-    launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, k, G, W, do, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, tdU,
+    launch_scan(scan_dh_tangent_kernel, c, c["BVS"], q, kd, G, W, do, dHs, dU, tqd, tkd, tG, tW, tdUl, tdHs, tdU,
                 tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], STORE_DH0=int(tdh0 is not None),
-                FUSE_DV=fuse, INTERPRET=c["INTERPRET"], **scan_launch(c, q.dtype, gate is not None), **common)
-    bkd = min(c["BK"], TUNING.bk_dqkw)
-    nkb = cdiv(K, bkd)
+                FUSE_DV=fuse, DECAYED=decayed, INTERPRET=c["INTERPRET"], **scan_launch(c, q.dtype, gate is not None),
+                **common)
     warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)
     tdq = alloc(*q.shape, device=dev, dtype=q.dtype)
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
-    tdG1 = alloc(nkb, B, T, H, device=dev, dtype=f32) if gate is not None else None
     load_gm = gate is not None and gm.numel() > 0
     gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if load_gm else (tdW,) * 3
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
            tdk_part, tdW, tdG1 if gate is not None else tdW, gq, gk, gh, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd,
-           BVB=bvb, LOAD_GM=load_gm, num_warps=warps, **common)
+           BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

@@ -218,7 +218,21 @@ class Tuning:
             ChunkDeltaProductBackward`), ``dqkw`` also stores its gate products ``dO S_cᵀ``, ``U dS_{c+1}ᵀ`` and
             ``Σ_v S_c ⊙ dS_{c+1}`` (float32, ``(T + N + NC)·K`` values a batch·head) and ``dqkw_tangent`` reads them
             instead of forming them again: two fewer accumulators alive over its value loop. ``"on"``, ``"off"``,
-            ``"f32"`` (default) or ``"bf16"``.
+            ``"f32"`` (default) or ``"bf16"``. On an H100 at (4, 4096, 16, 128) it took the float32 gated HVP
+            1.1–2.1 % down (``dqkw_tangent`` 5.61 → 4.99 ms at n_h = 1, ``dqkw`` 1.65 → 1.83) and bf16's 0.6 % down to
+            1.5 % up (``benchmarks/results/kernels_knobs_gate_mids_*.json``).
+        gate_pp_dv: with a gate, the tangent of the gate cotangent's ``dP ⊙ P`` terms formed by ``dv_local_tangent``,
+            which holds ``P`` and ``Ṗ`` over all of ``K`` already (it then also forms ``dO Uᵀ`` and ``dO U̇ᵀ``), instead
+            of by ``dqkw_tangent`` (three more ``[BQ, BT]`` products per key block, and the tiles they keep alive).
+            ``"on"`` (default), ``"off"``, ``"f32"`` or ``"bf16"``. On an H100 at (4, 4096, 16, 128) the gated HVP
+            1.0–2.8 % faster in float32 (``dqkw_tangent`` 5.35 → 4.39 ms at n_h = 1), 2.2–2.7 % in bf16
+            (``benchmarks/results/kernels_knobs_pp_*.json``).
+        gate_tiles_dv: with a gate, ``dv_local_tangent`` also stores the gated tiles of the tangent ``scan_dh``
+            (``K̃``, ``K̃̇`` and ``(Q̇ + diag(Ġ) Q) e^G``, float32) and the scan reads them instead of forming them
+            in every step of its sequential loop. ``"on"``, ``"off"``, ``"f32"`` (default) or ``"bf16"``. On an H100 at
+            (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms at n_h = 1 (7.71 → 6.82 at n_h = 3) for
+            ``dv_local_tangent`` 0.63 → 1.05, the gated HVP 0–3.8 % faster; bf16's 3.6–6.6 % slower
+            (``benchmarks/results/kernels_knobs_tiles_dv_*.json``).
     """
 
     inverse: str = "tiles"
@@ -264,6 +278,8 @@ class Tuning:
     direct_launch: bool = True
     gate_dk: str = "split"
     gate_mids: str = "f32"
+    gate_pp_dv: str = "on"
+    gate_tiles_dv: str = "f32"
 
     def kernel_prec(self, kernel: str, prec: str) -> str:
         """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
@@ -300,7 +316,8 @@ class Tuning:
 
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
-        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``) holds for inputs of
+        ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``, ``gate_pp_dv``,
+        ``gate_tiles_dv``) holds for inputs of
         ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
@@ -376,7 +393,8 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
-                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv", "gate_mids")),
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv", "gate_mids",
+                                          "gate_pp_dv", "gate_tiles_dv")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),

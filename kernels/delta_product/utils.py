@@ -225,7 +225,7 @@ class Tuning:
             which holds ``P`` and ``Ṗ`` over all of ``K`` already (it then also forms ``dO Uᵀ`` and ``dO U̇ᵀ``), instead
             of by ``dqkw_tangent`` (three more ``[BQ, BT]`` products per key block, and the tiles they keep alive).
             ``"on"`` (default), ``"off"``, ``"f32"`` or ``"bf16"``. On an H100 at (4, 4096, 16, 128) the gated HVP
-            1.0–2.8 % faster in float32 (``dqkw_tangent`` 5.35 → 4.39 ms at n_h = 1), 2.2–2.7 % in bf16
+            1.0–2.8 % faster in float32 (``dqkw_tangent`` 5.35 → 4.39 ms at n_h = 1), 2.3–2.8 % in bf16
             (``benchmarks/results/kernels_knobs_pp_*.json``).
         gate_tiles_dv: with a gate, ``dv_local_tangent`` also stores the gated tiles of the tangent ``scan_dh``
             (``K̃``, ``K̃̇`` and ``(Q̇ + diag(Ġ) Q) e^G``, float32) and the scan reads them instead of forming them

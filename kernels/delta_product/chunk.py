@@ -132,7 +132,8 @@ class ChunkDeltaProductFunction(torch.autograd.Function):
 class ChunkDeltaProductBackward(torch.autograd.Function):
     """``(q, k, v, beta, G, h0, do, dht, scale, Ti, W, Hs, U) → (dq, dk, dv, dbeta, dG, dh0, dU, dHs, dW, gm)``
     by the fused backward kernels (the last four: non-differentiable intermediates that the tangent
-    kernels read; ``gm`` the gate products, :func:`~kernels.delta_product.chunk_bwd.gate_mid_views`); its backward and ``jvp`` (second order) by :func:`_second_order`."""
+    kernels read; ``gm`` the gate products, :func:`~kernels.delta_product.chunk_bwd.gate_mid_views`); its
+    backward and ``jvp`` (second order) by :func:`_second_order`."""
 
     @staticmethod
     def forward(q, k, v, beta, G, h0, do, dht, scale, *saved):

@@ -543,7 +543,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
 
     Args:
         q, k, v, beta, h0, scale, saved, do: as for :func:`~kernels.delta_product.chunk_bwd.chunk_bwd`;
-        mids: its ``(dU, dHs, dW, gm)`` (``gm`` empty: the gate products are formed again); tangents: ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
+        mids: its ``(dU, dHs, dW, gm)`` (``gm`` empty: the gate products are formed again); tangents:
+        ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
         :func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent` (``do`` and ``dht`` held fixed, and the
         same ``gate``); gate: ``(G, Ġ)`` as for ``chunk_fwd_tangent``, or None without a gate.
 

@@ -317,8 +317,7 @@ class Tuning:
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
         ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``, ``gate_pp_dv``,
-        ``gate_tiles_dv``) holds for inputs of
-        ``dtype``."""
+        ``gate_tiles_dv``) holds for inputs of ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
     def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
@@ -393,14 +392,14 @@ class Tuning:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be >= 0, got `{getattr(self, name)}`")
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
-                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv", "gate_mids",
-                                          "gate_pp_dv", "gate_tiles_dv")),
+                                for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
+                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),
                               ("bv_dual", (0, 32, 64)), ("bv_fused", (16, 32, 64, 128)),
                               ("block_dual", (0, 16, 32, 64, 128)),
-                              ("block", (0, 16, 32, 64, 128)), *((n, (0, 16, 32, 64, 128)) for n in ("tile_wy", "tile_prep", "tile_dqkw")),
+                              *((n, (0, 16, 32, 64, 128)) for n in ("block", "tile_wy", "tile_prep", "tile_dqkw")),
                               ("prec_inverse", precisions[:-1]), ("prec_f32", precisions), *warps.items()):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DELTA_PRODUCT_TUNING: {name} must be one of {allowed}, got `{getattr(self, name)}`")

@@ -159,8 +159,8 @@ def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int, opcodes: bool 
                 m.launch = compiler
         tangents = (q, k, v, beta, h0)
         gates = (G, torch.zeros_like(G)) if gate else None
-        _, _, tsaved = tangent_fwd.chunk_fwd_tangent(q, k, v, beta, h0, 0.1, saved, tangents, True, gate=gates)
-        tangent_bwd.chunk_bwd_tangent(q, k, v, beta, h0, 0.1, saved, q, mids, tangents, tsaved, gate=gates)
+        _, _, tsaved, keys = tangent_fwd.chunk_fwd_tangent(q, k, v, beta, h0, 0.1, saved, tangents, True, gate=gates)
+        tangent_bwd.chunk_bwd_tangent(q, k, v, beta, h0, 0.1, saved, q, mids, tangents, tsaved, gate=gates, keys=keys)
     finally:
         for m, fn in zip(modules, launches):
             m.launch = fn

@@ -268,21 +268,22 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     poisoned buffers (tolerance: float32 2e-5, bf16 4e-2); both ``wy_split`` forms in each dtype. With a gate
     the tangent scans read float32 rows even when ``tangent_tiles`` is on (set here in half the cases), and
     ``dqkw_tangent`` reads the gate products the backward stored (``gate_mids``), and ``dv_local_tangent`` forms the
-    tangent of the gate's ``dP ⊙ P`` terms (``gate_pp_dv``) and the tangent scan's gated tiles (``gate_tiles_dv``):
-    here all three in float32 and in the bf16 cases of ``wy_split = "on"``, none in the float32 case of ``"off"``
-    nor in the other bf16 case."""
+    tangent of the gate's ``dP ⊙ P`` terms (``gate_pp_dv``) and the tangent scan's gated tiles (``gate_tiles_dv``),
+    whose decayed keys ``prep_tangent`` stores for both tangent scans (``gate_keys_prep``): here all four in float32
+    and in the bf16 cases of ``wy_split = "on"``, none in the float32 case of ``"off"`` nor in the other bf16
+    case."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
     monkeypatch.setattr(TUNING, "wy_split", wy_split)
     monkeypatch.setattr(TUNING, "tangent_tiles", "bf16" if T % 20 == 0 else "off")
-    for knob in ("gate_mids", "gate_pp_dv", "gate_tiles_dv"):
+    for knob in ("gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep"):
         monkeypatch.setattr(TUNING, knob, {"on": "on", "off": "off"}.get(wy_split, "f32"))
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,
              lambda *a, _n=name, **kw: (_n, kw.get("gate") is not None, _n == "chunk_bwd_tangent" and
-                                        a[8][3].numel() > 0))
+                                        a[8][3].numel() > 0, kw.get("keys") is not None))
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
 
     def kernel(**a):
@@ -290,8 +291,9 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
 
     _all_orders(kernel, x, 2e-5 if dtype == torch.float32 else 4e-2, dtype)
     # the double backward (a tangent forward and backward) and the jvp (a tangent forward), all gated
-    stored = TUNING.on("gate_mids", dtype)
-    assert sorted(calls) == [("chunk_bwd_tangent", True, stored)] + [("chunk_fwd_tangent", True, False)] * 2, calls
+    stored, keys = TUNING.on("gate_mids", dtype), TUNING.on("gate_keys_prep", dtype)
+    assert sorted(calls) == ([("chunk_bwd_tangent", True, stored, keys)]
+                             + [("chunk_fwd_tangent", True, False, False)] * 2), calls
 
 
 @pytest.mark.parametrize("T, n_h, K, V, dtype, gate, groups", [

@@ -231,7 +231,7 @@ class DualForward(_NoThirdOrder):
 
     @staticmethod
     def forward(q, k, v, beta, h0, scale, Ti, W, Hs, U, G, tG, *tangents):
-        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True,
+        to, tht, tsaved, _ = chunk_fwd_tangent(q, k, v, beta, h0, scale, (Ti, W, Hs, U), tangents, True,
                                             gate=None if G is None else (G, tG))
         return (to, tht) + tsaved
 
@@ -255,12 +255,13 @@ def _dual_backward(q, k, v, beta, h0, do, dht, scale, need_jx, G, tG, Ti, W, Hs,
                    tU, *tangents):
     """:class:`DualBackward`'s forward: the tangent kernels, forward (unless the tangents of ``saved`` are
     given) then backward."""
-    saved, tsaved, to, tht = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None
+    saved, tsaved, to, tht, keys = (Ti, W, Hs, U), (tTi, tW, tHs, tU), None, None, None
     gate = None if G is None else (G, tG)
     if tTi is None:
-        to, tht, tsaved = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
-                                            need_jx and dht is not None, output=need_jx, gate=gate)
-    hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW, gm), tangents, tsaved, gate=gate)
+        to, tht, tsaved, keys = chunk_fwd_tangent(q, k, v, beta, h0, scale, saved, tangents,
+                                                  need_jx and dht is not None, output=need_jx, gate=gate)
+    hvp = chunk_bwd_tangent(q, k, v, beta, h0, scale, saved, do, (dU, dHs, dW, gm), tangents, tsaved, gate=gate,
+                            keys=keys)
     return hvp + (to, tht)
 
 

@@ -33,7 +33,6 @@ from torch import Tensor
 from kernels.delta_product.chunk_fwd import launch_config, launch_scan
 from kernels.delta_product.chunk_bwd import a_gate_terms, gate_cotangent, gate_mid_views, own_tokens, store_db_dg
 from kernels.delta_product.common import (
-    chunk_gate_end,
     causal_mask,
     group_chunks,
     group_end,
@@ -52,6 +51,7 @@ from kernels.delta_product.tangent_fwd import (
     decayed_keys,
     exp_tangent,
     gate_at,
+    gate_end_at,
     gate_pair,
     p_pair,
     scan_launch,
@@ -66,12 +66,14 @@ from kernels.delta_product.utils import TUNING, alloc, cdiv
 def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, TQD, scale, T, N, H,
                             K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                             BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                            GATE_PP: tl.constexpr, DECAYED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                            GATE_PP: tl.constexpr, DECAYED: tl.constexpr, KEYS: tl.constexpr, DOT: tl.constexpr,
+                            PREC: tl.constexpr):
     """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent. With
     ``GATE_PP`` (``Tuning.gate_pp_dv``) also the tangent of the gate cotangent's ``dP ⊙ P`` terms over all of
     ``K`` (``dP = dO Uᵀ`` formed here too), stored per token at ``tdG`` (:func:`_gate_pp_tangent`). With
-    ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``K̃``, ``K̃̇`` and ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at
-    ``KD``, ``TKD`` (like ``k``) and ``TQD`` (like ``q``), the gated tiles :func:`scan_dh_tangent_kernel` reads."""
+    ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at ``TQD`` (like ``q``)
+    and, with ``KEYS`` (the tangent forward did not store them: ``Tuning.gate_keys_prep``), ``K̃``, ``K̃̇`` at
+    ``KD``, ``TKD`` (like ``k``): the gated tiles :func:`scan_dh_tangent_kernel` reads."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -103,11 +105,12 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, 
         for i_k in range(tl.cdiv(K, BKB)):
             o_k = i_k * BKB + tl.arange(0, BKB)
             m_k = o_k < K
-            b_k, b_tk, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
-                                               load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
-                                               g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
-            store_rows(KD + i_h * K, b_k, i_b * N + n_i, m_i, H * K, o_k, m_k)
-            store_rows(TKD + i_h * K, b_tk, i_b * N + n_i, m_i, H * K, o_k, m_k)
+            if KEYS:
+                b_k, b_tk, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                                   load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                                   g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+                store_rows(KD + i_h * K, b_k, i_b * N + n_i, m_i, H * K, o_k, m_k)
+                store_rows(TKD + i_h * K, b_tk, i_b * N + n_i, m_i, H * K, o_k, m_k)
             b_tq = exp_tangent(load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k),
                                load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), g_t[:, None],
                                tg_t[:, None])
@@ -141,7 +144,7 @@ def _tdh_tiles(q, k, tq, tk, G, tG, dHs, h_ptr, scale, i_b, i_c, i_h, T, N, H, n
     b_dh = load_operand(dHs + h_ptr, o_k, m_k, V, o_v, m_v, WIDE)
     g_l, tg_l = 0.0, 0.0
     if DECAYED:
-        g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+        g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
     elif USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
@@ -330,7 +333,7 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         if LOAD_GM:
             b_dkt = load_rows(GK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
             b_hdh = tl.load(GH + (i_bh * NC + i_c) * K + o_k, mask=m_k, other=0.0)
-        g_l, tg_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+        g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
         a_i, ta_i = g_l - g_i, tg_l - tg_i
         b_tdkk = tl.where(o_i // NH == t_last, 0.0,
                           exp_tangent(tl.sum(b_dkt * b_k, 1), tl.sum(b_tdkt * b_k + b_dkt * b_tk, 1), a_i, ta_i))
@@ -538,7 +541,8 @@ def wy_cols_tangent_kernel(k, v, beta, G, Ti, dW, dU, tk, tv, tbeta, tG, tTi, td
 def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
                       saved: tuple[Tensor, ...], do: Tensor, mids: tuple[Tensor, ...],
                       tangents: tuple[Tensor | None, ...], tsaved: tuple[Tensor, ...],
-                      gate: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, ...]:
+                      gate: tuple[Tensor, Tensor] | None = None,
+                      keys: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, ...]:
     """The four tangent kernels.
 
     Args:
@@ -546,7 +550,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         mids: its ``(dU, dHs, dW, gm)`` (``gm`` empty: the gate products are formed again); tangents:
         ``(q̇, k̇, v̇, β̇, ḣ0)``; tsaved: ``(Ṫ, Ẇ, Ḣs, U̇)`` from
         :func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent` (``do`` and ``dht`` held fixed, and the
-        same ``gate``); gate: ``(G, Ġ)`` as for ``chunk_fwd_tangent``, or None without a gate.
+        same ``gate``); gate: ``(G, Ġ)`` as for ``chunk_fwd_tangent``, or None without a gate; keys: the
+        decayed keys ``(K̃, K̃̇)`` that ``chunk_fwd_tangent`` returned, or None (then formed here where needed).
 
     Returns:
         The tangents of ``(dq, dk, dv, dbeta, dG, dh0)`` (``dG``'s None without a gate, ``dh0``'s without an
@@ -571,12 +576,15 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     pp_dv = gate is not None and TUNING.on("gate_pp_dv", q.dtype)  # the gate's dP ⊙ P terms in dv_local_tangent
     tdG1 = alloc(nkb + pp_dv, B, T, H, device=dev, dtype=f32) if gate is not None else None
     decayed = gate is not None and TUNING.on("gate_tiles_dv", q.dtype)  # the scan's gated tiles stored by dv
-    kd, tkd, tqd = (alloc(*x.shape, device=dev, dtype=f32) for x in (k, k, q)) if decayed else (k, tk, tq)
+    kd, tkd, tqd = k, tk, tq
+    if decayed:
+        kd, tkd = keys or (alloc(*k.shape, device=dev, dtype=f32) for _ in range(2))
+        tqd = alloc(*q.shape, device=dev, dtype=f32)
     if not fuse:  # with a gate, always (wide)
         warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
         launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, U, tU,
                tdG1[nkb] if pp_dv else tdUl, kd, tkd, tqd, scale, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
-               GATE_PP=pp_dv, DECAYED=decayed, num_warps=warps, **common)
+               GATE_PP=pp_dv, DECAYED=decayed, KEYS=decayed and keys is None, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None

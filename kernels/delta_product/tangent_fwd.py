@@ -77,6 +77,12 @@ def gate_at(G, tG, i_b, i_h, tok, m, T, H):
 
 
 @triton.jit
+def gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT: tl.constexpr):
+    """``G_L`` and ``Ġ_L``: ``G`` and its tangent at the last real token of chunk ``i_c``."""
+    return chunk_gate_end(G, i_b, i_c, i_h, T, H, CT), chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+
+
+@triton.jit
 def exp_tangent(b_x, b_tx, a, ta):
     """The tangent of ``x e^a``: ``(ẋ + x ȧ) e^a`` (every gate factor's product rule)."""
     return (b_tx + b_x * ta) * tl.exp(a)
@@ -94,19 +100,20 @@ def gate_pair(b_s, b_ts, g_a, tg_a, g_b, tg_b, m):
 def decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT: tl.constexpr):
     """``K̃ = diag(e^{G_L − G}) K`` and ``K̃̇ = diag(e^{G_L − G}) (K̇ + diag(Ġ_L − Ġ) K)`` of chunk ``i_c``
     (``G_L`` at its last real token; ``g_i``, ``tg_i``: ``G``, ``Ġ`` at the micro-steps), with ``G_L`` and ``Ġ_L``."""
-    g_l = chunk_gate_end(G, i_b, i_c, i_h, T, H, CT)
-    tg_l = chunk_gate_end(tG, i_b, i_c, i_h, T, H, CT)
+    g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
     a, ta = (g_l - g_i)[:, None], (tg_l - tg_i)[:, None]
     return b_k * tl.exp(a), exp_tangent(b_k, b_tk, a, ta), g_l, tg_l
 
 
 @triton.jit(do_not_specialize=["T", "N", "H"])
-def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, H, K: tl.constexpr,
+def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, KD, TKD, T, N, H, K: tl.constexpr,
                         V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr, BKB: tl.constexpr,
-                        BVB: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                        PREC_T: tl.constexpr):
+                        BVB: tl.constexpr, USE_G: tl.constexpr, DECAYED: tl.constexpr, DOT: tl.constexpr,
+                        PREC: tl.constexpr, PREC_T: tl.constexpr):
     """With a gate, ``A ⊙ E`` (``E_ij = e^{G_i − G_j}``) adds ``A ⊙ (Ġ_i − Ġ_j)`` to ``Ȧ``, and ``X`` has the
-    row factor ``f = β e^G``, ``ḟ = (β̇ + β Ġ) e^G``."""
+    row factor ``f = β e^G``, ``ḟ = (β̇ + β Ġ) e^G``. With ``DECAYED`` (a gate and ``Tuning.gate_keys_prep``) also
+    the decayed keys ``K̃``, ``K̃̇`` (:func:`decayed_keys`) in float32 at ``KD``, ``TKD`` (like ``k``), which the
+    tangent scans read instead of forming them in every step."""
     i_h, i_bh, o_i, n_i, m_i, tok_i, rows, b_beta, b_tbeta = step_chunk(beta, tbeta, N, H, NH, CT, BT, 0)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_tkk = tl.zeros([BT, BT], dtype=tl.float32)  # K̇ Kᵀ
@@ -137,17 +144,29 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N
         b_tu = _t_times(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
                         load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V), b_beta, b_tbeta, DOT, PREC)
         store_rows(tU0 + i_bh * N * V, b_tu, n_i, m_i, V, o_v, o_v < V)
+    if DECAYED:  # after T and Ṫ die
+        for i_k in range(tl.cdiv(K, BKB)):
+            o_k = i_k * BKB + tl.arange(0, BKB)
+            b_kd, b_tkd, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
+                                                  load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), b_g, b_tg,
+                                                  G, tG, i_bh // H, tl.program_id(0), i_h, T, H, CT)
+            store_rows(KD + i_h * K, b_kd, rows, m_i, H * K, o_k, o_k < K)
+            store_rows(TKD + i_h * K, b_tkd, rows, m_i, H * K, o_k, o_k < K)
 
 
 @triton.jit
 def _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k, m_k, K: tl.constexpr,
-             CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr):
+             CT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, DECAYED: tl.constexpr):
     """The key columns ``o_k`` of ``K`` and ``K̇`` for one chunk, and the state rows ``o_k`` of ``Ṡ_c`` as
-    ``Ṡ_{c+1}`` takes them; with a gate ``K̃ = diag(e^{G_L − G}) K``, ``K̃̇`` and ``e^{G_L} (Ġ_L S_c + Ṡ_c)``
+    ``Ṡ_{c+1}`` takes them; with a gate ``K̃ = diag(e^{G_L − G}) K``, ``K̃̇`` (formed here, or with ``DECAYED`` read
+    as they are from ``k``, ``tk``: :func:`prep_tangent_kernel` stored them) and ``e^{G_L} (Ġ_L S_c + Ṡ_c)``
     (``b_h``: those rows of ``S_c``)."""
     b_k = load_operand(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
-    if USE_G:
+    if DECAYED:
+        g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
+        b_th = exp_tangent(b_h, b_th, g_l, tg_l)
+    elif USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
         b_th = exp_tangent(b_h, b_th, g_l, tg_l)
@@ -158,7 +177,7 @@ def _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o
 def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC, o_k, m_k, o_v, m_v,
              H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr, WIDE: tl.constexpr, STORE: tl.constexpr,
-             DOT: tl.constexpr, PREC: tl.constexpr):
+             DECAYED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """One chunk: ``Ṡ_c ↦ Ṡ_{c+1}``, storing ``Ṡ_c`` and ``U̇_c = U̇₀ − Ẇ S_c − W Ṡ_c`` (unless a group's summary:
     not ``STORE``). The state is ``b_th`` (rows ``o_k``) and, with ``SPLIT``, ``b_th2`` (rows ``o_k + BK``), each
     with its own key columns (:func:`_th_keys`). Tiles as float32 rows when ``WIDE``, else in the input dtype
@@ -180,12 +199,12 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_
     if STORE:
         store_rows(tU + i_bh * N * V, b_tu, n_i, m_i, V, o_v, m_v)
     b_k, b_tk, b_th = _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k, m_k, K, CT, USE_G,
-                               WIDE)
+                               WIDE, DECAYED)
     b_u = load_operand(U + i_bh * N * V, n_i, m_i, V, o_v, m_v, WIDE)
     b_th = b_th + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
     if SPLIT:
         b_k, b_tk, b_th2 = _th_keys(k, tk, G, tG, b_h2, b_th2, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o_k2, m_k2, K,
-                                    CT, USE_G, WIDE)
+                                    CT, USE_G, WIDE, DECAYED)
         b_th2 = b_th2 + mm(tl.trans(b_tk), b_u, DOT, PREC) + mm(tl.trans(b_k), b_tu, DOT, PREC)
     return b_th, b_th2
 
@@ -194,11 +213,12 @@ def _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_
 def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T, N, NC, H, USE_H0, STORE_HT, Sum, CG,
                           NG, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr, USE_G: tl.constexpr,
-                          WIDE: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
-                          PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
+                          WIDE: tl.constexpr, SUMMARY: tl.constexpr, GROUPED: tl.constexpr, DECAYED: tl.constexpr,
+                          DOT: tl.constexpr, PREC: tl.constexpr, PREC_C: tl.constexpr, INTERPRET: tl.constexpr):
     """``BK`` state rows per tile: all of ``K``, or with ``SPLIT`` half of them (two tiles, ``Tuning.scan_split``
     on float32 tiles). Chunk groups and ``SUMMARY``: as for :func:`~kernels.delta_product.chunk_fwd.scan_h_kernel`
-    (the tangent scan has the primal's transition)."""
+    (the tangent scan has the primal's transition). ``DECAYED``: ``k``, ``tk`` hold the decayed keys
+    (:func:`_th_keys`)."""
     i_b, i_h, i_bh, o_k, m_k, o_v, m_v = scan_program(H, K, V, BK, BV)
     i_g, c0, c1 = group_chunks(CG, NC, False, SUMMARY)
     b_th, b_th2 = group_start(Sum, tH0, USE_H0, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, BV, SPLIT, False, SUMMARY,
@@ -207,14 +227,14 @@ def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T,
         i_c = c0
         while i_c < c1:
             b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC,
-                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY, DOT,
-                                   PREC)
+                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY,
+                                   DECAYED, DOT, PREC)
             i_c += 1
     else:
         for i_c in range(c0, c1):
             b_th, b_th2 = _th_step(k, G, W, Hs, U, tk, tG, tW, tU0, tHs, tU, b_th, b_th2, i_c, i_b, i_h, i_bh, T, N, NC,
-                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY, DOT,
-                                   PREC)
+                                   o_k, m_k, o_v, m_v, H, K, V, NH, CT, BT, BK, SPLIT, USE_G, WIDE, not SUMMARY,
+                                   DECAYED, DOT, PREC)
     group_end(Sum, tHT, STORE_HT, b_th, b_th2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, False, SUMMARY)
 
 
@@ -302,7 +322,7 @@ def twin(x: Tensor | None) -> Tensor | None:
 def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor | None, scale: float,
                       saved: tuple[Tensor, ...], tangents: tuple[Tensor | None, ...], output_final_state: bool,
                       output: bool = True, gate: tuple[Tensor, Tensor] | None = None,
-                      ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, ...]]:
+                      ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, ...], tuple[Tensor, Tensor] | None]:
     """The three tangent kernels at the primal forward's ``saved``.
 
     Args:
@@ -314,7 +334,9 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         None without a gate.
 
     Returns:
-        ``(ȯ or None, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇))``, the last for the tangent backward.
+        ``(ȯ or None, final-state tangent or None, (Ṫ, Ẇ, Ḣs, U̇), keys)``, the last two for the tangent
+        backward: ``keys`` the decayed keys ``(K̃, K̃̇)`` (float32, like ``k``) that the tangent scan read
+        (``Tuning.gate_keys_prep``), or None.
     """
     c = launch_config(q, k, v, True)
     B, T, H, K, V, N, NC, BT = c["B"], c["T"], c["H"], c["K"], c["V"], c["N"], c["NC"], c["BT"]
@@ -324,19 +346,24 @@ def chunk_fwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     Ti, W, Hs, U = saved
     tq, tk, tv, tbeta, th0 = tangents
     tTi, tW, tU0 = twin(Ti), twin(W), alloc(B, H, N, V, device=q.device, dtype=q.dtype)
+    keys = None
+    if gate is not None and TUNING.on("gate_keys_prep", q.dtype):
+        keys = tuple(alloc(*k.shape, device=q.device, dtype=torch.float32) for _ in range(2))
+    kd, tkd = keys or (k, tk)
     warps, bkb, bvb = tangent_launch(c, "prep", q.dtype, gate is not None)
-    launch(prep_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, T, N, BKB=bkb,
-           BVB=bvb, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse, num_warps=warps, **common)
+    launch(prep_tangent_kernel, (NC, B * H), k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, kd, tkd, T, N,
+           BKB=bkb, BVB=bvb, DECAYED=keys is not None, PREC_T="ieee" if c["INTERPRET"] else TUNING.prec_inverse,
+           num_warps=warps, **common)
     tHs, tU = twin(Hs), twin(U)
     tht = alloc(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    launch_scan(scan_h_tangent_kernel, c, c["BVS"], k, G, W, Hs, U, tk, tG, tW, tU0, th0 if th0 is not None else W,
+    launch_scan(scan_h_tangent_kernel, c, c["BVS"], kd, G, W, Hs, U, tkd, tG, tW, tU0, th0 if th0 is not None else W,
                 tHs, tU, tht if tht is not None else W, T, N, NC, USE_H0=int(th0 is not None),
-                STORE_HT=int(tht is not None), INTERPRET=c["INTERPRET"],
+                STORE_HT=int(tht is not None), DECAYED=keys is not None, INTERPRET=c["INTERPRET"],
                 **scan_launch(c, q.dtype, gate is not None), **common)
     if not output:
-        return None, tht, (tTi, tW, tHs, tU)
+        return None, tht, (tTi, tW, tHs, tU), keys
     to = alloc(B, T, H, V, device=q.device, dtype=q.dtype)
     warps, bkb, bvb = tangent_launch(c, "out", q.dtype, gate is not None)
     launch(out_tangent_kernel, (cdiv(V, bvb), NC, B * H), q, k, G, Hs, U, tq, tk, tG, tHs, tU, to, scale,
            T, N, NC, BQ=c["BQ"], BKB=bkb, BV=bvb, num_warps=warps, **common)
-    return to, tht, (tTi, tW, tHs, tU)
+    return to, tht, (tTi, tW, tHs, tU), keys

@@ -233,6 +233,11 @@ class Tuning:
             (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms at n_h = 1 (7.71 → 6.82 at n_h = 3) for
             ``dv_local_tangent`` 0.63 → 1.05, the gated HVP 0–3.8 % faster; bf16's 3.6–6.6 % slower
             (``benchmarks/results/kernels_knobs_tiles_dv_*.json``).
+        gate_keys_prep: with a gate, ``prep_tangent`` also stores the decayed keys ``K̃``, ``K̃̇`` (float32) as it
+            forms ``Ẇ`` from ``K`` and ``K̇``, and the tangent ``scan_h`` reads them instead of forming them in every
+            step of its sequential loop; the double backward hands them on to the tangent ``scan_dh``
+            (``gate_tiles_dv``), so that ``dv_local_tangent`` stores ``(Q̇ + diag(Ġ) Q) e^G`` alone. ``"on"``,
+            ``"off"``, ``"f32"`` (default) or ``"bf16"``.
     """
 
     inverse: str = "tiles"
@@ -280,6 +285,7 @@ class Tuning:
     gate_mids: str = "f32"
     gate_pp_dv: str = "on"
     gate_tiles_dv: str = "f32"
+    gate_keys_prep: str = "f32"
 
     def kernel_prec(self, kernel: str, prec: str) -> str:
         """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
@@ -317,7 +323,7 @@ class Tuning:
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
         ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``, ``gate_pp_dv``,
-        ``gate_tiles_dv``) holds for inputs of ``dtype``."""
+        ``gate_tiles_dv``, ``gate_keys_prep``) holds for inputs of ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
     def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
@@ -393,7 +399,7 @@ class Tuning:
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
-                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv")),
+                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),

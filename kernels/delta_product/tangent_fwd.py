@@ -121,7 +121,14 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, KD, 
         o_k = i_k * BKB + tl.arange(0, BKB)
         b_k = load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K)
         b_kk += mm(b_k, tl.trans(b_k), DOT, PREC)
-        b_tkk += mm(load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), tl.trans(b_k), DOT, PREC)
+        b_tk = load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K)
+        b_tkk += mm(b_tk, tl.trans(b_k), DOT, PREC)
+        if DECAYED:  # here, where no T, Ṫ are alive yet
+            g_i, tg_i = gate_at(G, tG, i_bh // H, i_h, tok_i, m_i, T, H)
+            b_kd, b_tkd, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_bh // H, tl.program_id(0), i_h, T, H,
+                                                  CT)
+            store_rows(KD + i_h * K, b_kd, rows, m_i, H * K, o_k, o_k < K)
+            store_rows(TKD + i_h * K, b_tkd, rows, m_i, H * K, o_k, o_k < K)
     m_A = (o_i[:, None] > o_i[None, :]) & m_i[:, None] & m_i[None, :]
     b_tA = b_kk * b_tbeta[:, None] + (b_tkk + tl.trans(b_tkk)) * b_beta[:, None]
     b_f, b_tf = b_beta, b_tbeta  # X = diag(f) K with f = β e^G, and ḟ
@@ -144,14 +151,6 @@ def prep_tangent_kernel(k, v, beta, G, Ti, tk, tv, tbeta, tG, tTi, tW, tU0, KD, 
         b_tu = _t_times(b_T, b_tT, load_rows(v + i_h * V, rows, m_i, H * V, o_v, o_v < V),
                         load_rows(tv + i_h * V, rows, m_i, H * V, o_v, o_v < V), b_beta, b_tbeta, DOT, PREC)
         store_rows(tU0 + i_bh * N * V, b_tu, n_i, m_i, V, o_v, o_v < V)
-    if DECAYED:  # after T and Ṫ die
-        for i_k in range(tl.cdiv(K, BKB)):
-            o_k = i_k * BKB + tl.arange(0, BKB)
-            b_kd, b_tkd, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, rows, m_i, H * K, o_k, o_k < K),
-                                                  load_rows(tk + i_h * K, rows, m_i, H * K, o_k, o_k < K), b_g, b_tg,
-                                                  G, tG, i_bh // H, tl.program_id(0), i_h, T, H, CT)
-            store_rows(KD + i_h * K, b_kd, rows, m_i, H * K, o_k, o_k < K)
-            store_rows(TKD + i_h * K, b_tkd, rows, m_i, H * K, o_k, o_k < K)
 
 
 @triton.jit
@@ -240,9 +239,12 @@ def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T,
 
 @triton.jit
 def p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K: tl.constexpr, BQ: tl.constexpr,
-           BT: tl.constexpr, BKB: tl.constexpr, NEED_P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+           BT: tl.constexpr, BKB: tl.constexpr, NEED_P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+           TQD, g_t, tg_t, STORE_TQ: tl.constexpr):
     """``P = scale·Q Kᵀ`` (zero unless ``NEED_P``) and ``Ṗ = scale·(Q̇ Kᵀ + Q K̇ᵀ)``, ``[BQ, BT]`` unmasked, over
-    key blocks of ``BKB`` columns (whole rows of ``Q``, ``K`` and their tangents at once spill registers)."""
+    key blocks of ``BKB`` columns (whole rows of ``Q``, ``K`` and their tangents at once spill registers). With
+    ``STORE_TQ`` also ``(Q̇ + diag(Ġ) Q) e^G`` (unscaled; ``g_t``, ``tg_t``: ``G``, ``Ġ`` at the queries) in float32
+    at ``TQD`` (like ``q``), from the tiles loaded here."""
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     b_ts = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
@@ -250,10 +252,14 @@ def p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K: tl.con
         m_k = o_k < K
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
         b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_ts += mm(load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), tl.trans(b_k), DOT, PREC)
+        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
+        b_ts += mm(b_tq, tl.trans(b_k), DOT, PREC)
         b_ts += mm(b_q, tl.trans(load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)), DOT, PREC)
         if NEED_P:
             b_s += mm(b_q, tl.trans(b_k), DOT, PREC)
+        if STORE_TQ:
+            store_rows(TQD + i_h * K, exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None]), i_b * T + t_t, m_t, H * K,
+                       o_k, m_k)
     return b_s * scale, b_ts * scale
 
 
@@ -271,7 +277,8 @@ def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC,
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     h_ptr = (i_bh * NC + i_c) * K * V
-    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, True, DOT, PREC)
+    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, True, DOT, PREC,
+                       tO, 0.0, 0.0, False)
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
     b_to = tl.zeros([BQ, BV], dtype=tl.float32)  # Q̇ S + Q Ṡ (the state part)

@@ -71,23 +71,19 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, 
     """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent. With
     ``GATE_PP`` (``Tuning.gate_pp_dv``) also the tangent of the gate cotangent's ``dP ⊙ P`` terms over all of
     ``K`` (``dP = dO Uᵀ`` formed here too), stored per token at ``tdG`` (:func:`_gate_pp_tangent`). With
-    ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at ``TQD`` (like ``q``;
-    in :func:`~kernels.delta_product.tangent_fwd.p_pair`'s loop) and, with ``KEYS`` (the tangent forward did not store them: ``Tuning.gate_keys_prep``), ``K̃``, ``K̃̇`` at
+    ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at ``TQD`` (like ``q``)
+    and, with ``KEYS`` (the tangent forward did not store them: ``Tuning.gate_keys_prep``), ``K̃``, ``K̃̇`` at
     ``KD``, ``TKD`` (like ``k``): the gated tiles :func:`scan_dh_tangent_kernel` reads."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-    g_t, tg_t = 0.0, 0.0
-    if DECAYED:  # for p_pair's stores
-        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
     b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, USE_G, DOT,
-                       PREC, TQD, g_t, tg_t, DECAYED)
+                       PREC)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_tsm = b_ts
     if USE_G:
-        if not DECAYED:
-            g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         _, b_tsm = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
     b_tsm = tl.where(m_s, b_tsm, 0.0)
@@ -105,15 +101,20 @@ def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, 
         b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
         own, _ = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
         tl.store(tdG + (i_b * T + t_t) * H + i_h, _gate_pp_tangent(b_dpm, b_tdpm, b_s, b_ts, own), mask=m_t)
-    if KEYS:
+    if DECAYED:
         for i_k in range(tl.cdiv(K, BKB)):
             o_k = i_k * BKB + tl.arange(0, BKB)
             m_k = o_k < K
-            b_k, b_tk, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
-                                               load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
-                                               g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
-            store_rows(KD + i_h * K, b_k, i_b * N + n_i, m_i, H * K, o_k, m_k)
-            store_rows(TKD + i_h * K, b_tk, i_b * N + n_i, m_i, H * K, o_k, m_k)
+            if KEYS:
+                b_k, b_tk, g_l, tg_l = decayed_keys(load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                                   load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k),
+                                                   g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+                store_rows(KD + i_h * K, b_k, i_b * N + n_i, m_i, H * K, o_k, m_k)
+                store_rows(TKD + i_h * K, b_tk, i_b * N + n_i, m_i, H * K, o_k, m_k)
+            b_tq = exp_tangent(load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k),
+                               load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), g_t[:, None],
+                               tg_t[:, None])
+            store_rows(TQD + i_h * K, b_tq, i_b * T + t_t, m_t, H * K, o_k, m_k)
 
 
 @triton.jit

@@ -239,12 +239,9 @@ def scan_h_tangent_kernel(k, G, W, Hs, U, tk, tG, tW, tU0, tH0, tHs, tU, tHT, T,
 
 @triton.jit
 def p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K: tl.constexpr, BQ: tl.constexpr,
-           BT: tl.constexpr, BKB: tl.constexpr, NEED_P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-           TQD, g_t, tg_t, STORE_TQ: tl.constexpr):
+           BT: tl.constexpr, BKB: tl.constexpr, NEED_P: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """``P = scale·Q Kᵀ`` (zero unless ``NEED_P``) and ``Ṗ = scale·(Q̇ Kᵀ + Q K̇ᵀ)``, ``[BQ, BT]`` unmasked, over
-    key blocks of ``BKB`` columns (whole rows of ``Q``, ``K`` and their tangents at once spill registers). With
-    ``STORE_TQ`` also ``(Q̇ + diag(Ġ) Q) e^G`` (unscaled; ``g_t``, ``tg_t``: ``G``, ``Ġ`` at the queries) in float32
-    at ``TQD`` (like ``q``), from the tiles loaded here."""
+    key blocks of ``BKB`` columns (whole rows of ``Q``, ``K`` and their tangents at once spill registers)."""
     b_s = tl.zeros([BQ, BT], dtype=tl.float32)
     b_ts = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BKB)):
@@ -252,14 +249,10 @@ def p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K: tl.con
         m_k = o_k < K
         b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
         b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k)
-        b_ts += mm(b_tq, tl.trans(b_k), DOT, PREC)
+        b_ts += mm(load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k), tl.trans(b_k), DOT, PREC)
         b_ts += mm(b_q, tl.trans(load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)), DOT, PREC)
         if NEED_P:
             b_s += mm(b_q, tl.trans(b_k), DOT, PREC)
-        if STORE_TQ:
-            store_rows(TQD + i_h * K, exp_tangent(b_q, b_tq, g_t[:, None], tg_t[:, None]), i_b * T + t_t, m_t, H * K,
-                       o_k, m_k)
     return b_s * scale, b_ts * scale
 
 
@@ -277,8 +270,7 @@ def out_tangent_kernel(q, k, G, Hs, U, tq, tk, tG, tHs, tU, tO, scale, T, N, NC,
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     h_ptr = (i_bh * NC + i_c) * K * V
-    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, True, DOT, PREC,
-                       tO, 0.0, 0.0, False)
+    b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, True, DOT, PREC)
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
     b_to = tl.zeros([BQ, BV], dtype=tl.float32)  # Q̇ S + Q Ṡ (the state part)

@@ -228,16 +228,20 @@ class Tuning:
             1.0–2.8 % faster in float32 (``dqkw_tangent`` 5.35 → 4.39 ms at n_h = 1), 2.3–2.8 % in bf16
             (``benchmarks/results/kernels_knobs_pp_*.json``).
         gate_tiles_dv: with a gate, ``dv_local_tangent`` also stores the gated tiles of the tangent ``scan_dh``
-            (``K̃``, ``K̃̇`` and ``(Q̇ + diag(Ġ) Q) e^G``, float32) and the scan reads them instead of forming them
-            in every step of its sequential loop. ``"on"``, ``"off"``, ``"f32"`` (default) or ``"bf16"``. On an H100 at
-            (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms at n_h = 1 (7.71 → 6.82 at n_h = 3) for
+            (``K̃``, ``K̃̇`` unless ``gate_keys_prep`` stored them, and ``(Q̇ + diag(Ġ) Q) e^G``, float32) and the scan
+            reads them instead of forming them in every step of its sequential loop. ``"on"``, ``"off"``, ``"f32"``
+            (default) or ``"bf16"``. On an H100 at (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms at n_h = 1 (7.71 → 6.82 at n_h = 3) for
             ``dv_local_tangent`` 0.63 → 1.05, the gated HVP 0–3.8 % faster; bf16's 3.6–6.6 % slower
             (``benchmarks/results/kernels_knobs_tiles_dv_*.json``).
-        gate_keys_prep: with a gate, ``prep_tangent`` also stores the decayed keys ``K̃``, ``K̃̇`` (float32) as it
-            forms ``Ẇ`` from ``K`` and ``K̇``, and the tangent ``scan_h`` reads them instead of forming them in every
-            step of its sequential loop; the double backward hands them on to the tangent ``scan_dh``
+        gate_keys_prep: with a gate, ``prep_tangent`` also stores the decayed keys ``K̃``, ``K̃̇`` (float32) in the
+            loop where it reads ``K`` and ``K̇`` for ``Ȧ``, and the tangent ``scan_h`` reads them instead of forming
+            them in every step of its sequential loop; the double backward hands them on to the tangent ``scan_dh``
             (``gate_tiles_dv``), so that ``dv_local_tangent`` stores ``(Q̇ + diag(Ġ) Q) e^G`` alone. ``"on"``,
-            ``"off"``, ``"f32"`` (default) or ``"bf16"``.
+            ``"off"``, ``"f32"`` (default) or ``"bf16"``. On an H100 at (4, 4096, 16, 128), float32: the tangent
+            ``scan_h`` 1.45 → 1.29 ms at n_h = 1 (4.59 → 4.14 at n_h = 3), ``dv_local_tangent`` 1.05 → 0.82 (2.04 →
+            1.50) for ``prep_tangent`` 0.72 → 0.81 (2.14 → 2.52), the gated HVP 1.0–1.9 % faster in two runs; bf16
+            6.4–6.8 % slower (its scan reads float32 keys in place of bf16 ones), so off
+            (``benchmarks/results/kernels_knobs_keys_prep_*.json``).
     """
 
     inverse: str = "tiles"

@@ -5,7 +5,9 @@ Written here without the gate; with one, each factor ``e^{G_a − G_b}`` of the 
 tangent ``(Ġ_a − Ġ_b) e^{G_a − G_b}`` and the gate's cotangent ``dG`` gets its own tangent (the kernels'
 docstrings). Three ``Tuning`` fields move gate work out of the larger kernels: ``gate_mids`` (``dqkw_tangent``
 reads the gate products the primal ``dqkw`` stored), ``gate_pp_dv`` (``dv_local_tangent`` forms the tangent of
-``dG``'s ``dP ⊙ P`` terms) and ``gate_tiles_dv`` (it also stores the decayed tiles the tangent scan reads).
+``dG``'s ``dP ⊙ P`` terms) and ``gate_tiles_dv`` (it also stores the decayed tiles the tangent scan reads, but
+the decayed keys where :func:`~kernels.delta_product.tangent_fwd.prep_tangent_kernel` stored them already:
+``Tuning.gate_keys_prep``).
 
 For tangents ``ẋ`` of the inputs and ``(Ṫ, Ẇ, Ḣs, U̇)`` of the forward's ``saved``
 (:func:`~kernels.delta_product.tangent_fwd.chunk_fwd_tangent`), with the cotangents ``(dO, dS_T)``

@@ -164,10 +164,10 @@ def _th_keys(k, tk, G, tG, b_h, b_th, i_b, i_c, i_h, T, N, H, n_i, m_i, tok_i, o
     b_tk = load_operand(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k, WIDE)
     if DECAYED:
         g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
-        b_th = exp_tangent(b_h, b_th, g_l, tg_l)
     elif USE_G:
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
         b_k, b_tk, g_l, tg_l = decayed_keys(b_k, b_tk, g_i, tg_i, G, tG, i_b, i_c, i_h, T, H, CT)
+    if USE_G:
         b_th = exp_tangent(b_h, b_th, g_l, tg_l)
     return b_k, b_tk, b_th
 

@@ -230,8 +230,9 @@ class Tuning:
         gate_tiles_dv: with a gate, ``dv_local_tangent`` also stores the gated tiles of the tangent ``scan_dh``
             (``K̃``, ``K̃̇`` unless ``gate_keys_prep`` stored them, and ``(Q̇ + diag(Ġ) Q) e^G``, float32) and the scan
             reads them instead of forming them in every step of its sequential loop. ``"on"``, ``"off"``, ``"f32"``
-            (default) or ``"bf16"``. On an H100 at (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms at n_h = 1 (7.71 → 6.82 at n_h = 3) for
-            ``dv_local_tangent`` 0.63 → 1.05, the gated HVP 0–3.8 % faster; bf16's 3.6–6.6 % slower
+            (default) or ``"bf16"``. On an H100 at (4, 4096, 16, 128), float32: the tangent ``scan_dh`` 3.73 → 2.56 ms
+            at n_h = 1 (7.71 → 6.82 at n_h = 3) for ``dv_local_tangent`` 0.63 → 1.05, the gated HVP 0–3.8 % faster;
+            bf16's 3.6–6.6 % slower
             (``benchmarks/results/kernels_knobs_tiles_dv_*.json``).
         gate_keys_prep: with a gate, ``prep_tangent`` also stores the decayed keys ``K̃``, ``K̃̇`` (float32) in the
             loop where it reads ``K`` and ``K̇`` for ``Ȧ``, and the tangent ``scan_h`` reads them instead of forming
@@ -313,7 +314,8 @@ class Tuning:
         """Columns per tile of ``kernel`` (``"prep"`` or ``"dqkw"``): its ``tile_*`` field, or when 0, :meth:`tile`
         for 16-bit inputs and half of it for float32 (at least 16). On an H100 at (4, 4096, 16, 128) the half tiles
         take float32 fwd+bwd 3.1–3.6 % (gated 2.0–4.9 %) and the gated HVP 0.8–1.5 % below 64 columns, n_h = 1–3
-        (``dqkw`` 1.05 → 0.91 ms, ``prep`` 0.74 → 0.69 at n_h = 1; ``benchmarks/results/kernels_knobs_tiles_f32*.json``)."""
+        (``dqkw`` 1.05 → 0.91 ms, ``prep`` 0.74 → 0.69 at n_h = 1;
+        ``benchmarks/results/kernels_knobs_tiles_f32*.json``)."""
         return getattr(self, f"tile_{kernel}") or max(16, self.tile(dtype) // (2 if dtype.itemsize == 4 else 1))
 
     def scan_cols(self, dtype: torch.dtype, dual: bool = False) -> int:

@@ -187,6 +187,19 @@ def matches(case, where):
     return all(shown.get(k) == v for k, v in (w.split("=", 1) for w in where))
 
 
+def case_tuning(case, base: str = "") -> str:
+    """The ``DELTA_PRODUCT_TUNING`` spec a fuzz ``case`` runs under: ``base`` and its chunk groups."""
+    groups = f"scan_groups={case['groups']},group_min_chunks=1" if case["groups"] else ""
+    return ",".join(filter(None, (base, groups)))
+
+
+def case_inputs(case, device="cuda"):
+    """The inputs of a fuzz ``case`` (drawn from its seed on ``device``)."""
+    return make_inputs(case["B"], case["T"], case["H"], case["K"], case["V"], case["n_h"], dtype=case["dtype"],
+                       gate=case["gate"], h0=case["h0"], correlated=case["correlated"], beta_max=case["beta_max"],
+                       seed=case["seed"], device=device)
+
+
 def _fuzz_slice(args):
     n, seed, lo, hi, where, second = args
     rng = random.Random(seed)
@@ -196,11 +209,9 @@ def _fuzz_slice(args):
     for i, c in enumerate(cases, lo):
         if not matches(c, where):
             continue
-        groups = f"scan_groups={c['groups']},group_min_chunks=1" if c["groups"] else ""
-        TUNING.load(",".join(filter(None, (base, groups))))
+        TUNING.load(case_tuning(c, base))
         try:
-            x = make_inputs(c["B"], c["T"], c["H"], c["K"], c["V"], c["n_h"], dtype=c["dtype"], gate=c["gate"],
-                            h0=c["h0"], correlated=c["correlated"], beta_max=c["beta_max"], seed=c["seed"])
+            x = case_inputs(c)
             err = first_order(x, c["scale"], c["use_final"], seed=c["seed"])
             if c["second"]:
                 err.update(second_order(x, c["scale"], seed=c["seed"]))

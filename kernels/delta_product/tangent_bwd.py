@@ -64,71 +64,45 @@ from kernels.delta_product.launch import launch
 from kernels.delta_product.utils import TUNING, alloc, cdiv
 
 
-@triton.jit
-def _dp_pair(b_dp, b_tdp, b_do, U, tU, u_ptr, n_i, m_i, V, o_v, m_v, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One value tile's part of ``dP = dO Uᵀ`` and ``dṖ = dO U̇ᵀ``."""
-    b_dp += mm(b_do, tl.trans(load_rows(U + u_ptr, n_i, m_i, V, o_v, m_v)), DOT, PREC)
-    b_tdp += mm(b_do, tl.trans(load_rows(tU + u_ptr, n_i, m_i, V, o_v, m_v)), DOT, PREC)
-    return b_dp, b_tdp
-
-
-@triton.jit
-def _store_pp_tangent(tdG, b_dp, b_tdp, b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s, o_i, m_i, o_t, t_t, m_t, i_c, i_b, i_h,
-                      T, H, NH: tl.constexpr, CT: tl.constexpr):
-    """Store the tangent of the gate cotangent's ``dP ⊙ P`` terms per token (:func:`_gate_pp_tangent`)."""
-    b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
-    own, _ = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-    tl.store(tdG + (i_b * T + t_t) * H + i_h, _gate_pp_tangent(b_dpm, b_tdpm, b_s, b_ts, own), mask=m_t)
-
-
 @triton.jit(do_not_specialize=["T", "N", "H"])
 def dv_local_tangent_kernel(q, k, G, dO, tq, tk, tG, tdUl, U, tU, tdG, KD, TKD, TQD, scale, T, N, H,
                             K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr, BT: tl.constexpr,
                             BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr, USE_G: tl.constexpr,
-                            GATE_PP: tl.constexpr, DECAYED: tl.constexpr, KEYS: tl.constexpr,
-                            PP_FIRST: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                            GATE_PP: tl.constexpr, DECAYED: tl.constexpr, KEYS: tl.constexpr, DOT: tl.constexpr,
+                            PREC: tl.constexpr):
     """``dU̇_loc = (Ṗ ⊙ M)ᵀ dO``; with a gate ``M ⊙ E``, ``E_ti = e^{G_t − G_i}``, and its tangent. With
     ``GATE_PP`` (``Tuning.gate_pp_dv``) also the tangent of the gate cotangent's ``dP ⊙ P`` terms over all of
     ``K`` (``dP = dO Uᵀ`` formed here too), stored per token at ``tdG`` (:func:`_gate_pp_tangent`). With
     ``DECAYED`` (``Tuning.gate_tiles_dv``) also ``(Q̇ + diag(Ġ_q) Q) e^{G_q}`` in float32 at ``TQD`` (like ``q``)
     and, with ``KEYS`` (the tangent forward did not store them: ``Tuning.gate_keys_prep``), ``K̃``, ``K̃̇`` at
-    ``KD``, ``TKD`` (like ``k``): the gated tiles :func:`scan_dh_tangent_kernel` reads. ``PP_FIRST``
-    (``Tuning.gate_pp_first``): ``dP``, ``dṖ`` in a loop over ``V`` of their own before ``P``, ``Ṗ``, so that their
-    terms are stored before the loop that stores ``dU̇_loc`` (fewer tiles alive in it)."""
+    ``KD``, ``TKD`` (like ``k``): the gated tiles :func:`scan_dh_tangent_kernel` reads."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
     o_t, t_t, m_t = tokens(i_c, T, CT, BQ)
-    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
-    b_dp = tl.zeros([BQ, BT], dtype=tl.float32)
-    b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
-    if GATE_PP and PP_FIRST:
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            m_v = o_v < V
-            b_dp, b_tdp = _dp_pair(b_dp, b_tdp, load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v), U, tU,
-                                   i_bh * N * V, n_i, m_i, V, o_v, m_v, DOT, PREC)
     b_s, b_ts = p_pair(q, k, tq, tk, scale, i_b, i_h, t_t, m_t, n_i, m_i, T, N, H, K, BQ, BT, BKB, USE_G, DOT,
                        PREC)
+    m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_tsm = b_ts
     if USE_G:
         g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        if GATE_PP and PP_FIRST:
-            _store_pp_tangent(tdG, b_dp, b_tdp, b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s, o_i, m_i, o_t, t_t, m_t, i_c,
-                              i_b, i_h, T, H, NH, CT)
         _, b_tsm = gate_pair(b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s)
     b_tsm = tl.where(m_s, b_tsm, 0.0)
+    b_dp = tl.zeros([BQ, BT], dtype=tl.float32)
+    b_tdp = tl.zeros([BQ, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BVB)):
         o_v = i_v * BVB + tl.arange(0, BVB)
         m_v = o_v < V
         b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
         store_rows(tdUl + i_bh * N * V, mm(tl.trans(b_tsm), b_do, DOT, PREC), n_i, m_i, V, o_v, m_v)
-        if GATE_PP and not PP_FIRST:
-            b_dp, b_tdp = _dp_pair(b_dp, b_tdp, b_do, U, tU, i_bh * N * V, n_i, m_i, V, o_v, m_v, DOT, PREC)
-    if GATE_PP and not PP_FIRST:
-        _store_pp_tangent(tdG, b_dp, b_tdp, b_s, b_ts, g_t, tg_t, g_i, tg_i, m_s, o_i, m_i, o_t, t_t, m_t, i_c, i_b,
-                          i_h, T, H, NH, CT)
+        if GATE_PP:
+            b_dp += mm(b_do, tl.trans(load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)), DOT, PREC)
+            b_tdp += mm(b_do, tl.trans(load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)), DOT, PREC)
+    if GATE_PP:
+        b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
+        own, _ = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+        tl.store(tdG + (i_b * T + t_t) * H + i_h, _gate_pp_tangent(b_dpm, b_tdpm, b_s, b_ts, own), mask=m_t)
     if DECAYED:
         for i_k in range(tl.cdiv(K, BKB)):
             o_k = i_k * BKB + tl.arange(0, BKB)
@@ -278,36 +252,18 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
     group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
-@triton.jit
-def _tdk_terms(dHs, tdHs, h_ptr, b_h, b_th, b_u, b_tu, b_tdkt, b_dkt, b_hdh, b_thdh, o_k, m_k, V, o_v, m_v,
-               USE_G: tl.constexpr, LOAD_GM: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """One value tile's key-side terms of :func:`dqkw_tangent_kernel`: ``U̇ dS_{c+1}ᵀ + U dṠ_{c+1}ᵀ`` and, with a
-    gate, the tangent of ``Σ_v S_c ⊙ dS_{c+1}`` (and without ``LOAD_GM`` the primal ``U dS_{c+1}ᵀ`` and sum)."""
-    b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
-    b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
-    b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
-    if USE_G:
-        if not LOAD_GM:
-            b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-            b_hdh += tl.sum(b_h * b_dh, 1)
-        b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
-    return b_tdkt, b_dkt, b_hdh, b_thdh
-
-
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, GQ, GK, GH,
                         scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
                         BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, GATE_PP: tl.constexpr, LOOPS2: tl.constexpr,
-                        DOT: tl.constexpr, PREC: tl.constexpr):
+                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, GATE_PP: tl.constexpr, DOT: tl.constexpr,
+                        PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
     ``Σ S ⊙ dS_{c+1}``: formed here, or with ``LOAD_GM`` read from ``GQ, GK, GH``, where the primal ``dqkw``
     stored them (``Tuning.gate_mids``). ``GATE_PP``: the ``dP ⊙ P`` terms' tangent is formed here (per key
-    block), else by :func:`dv_local_tangent_kernel`. ``LOOPS2`` (with a gate, ``Tuning.gate_dqkw_loops``): the key
-    side (``U̇ dS_{c+1}ᵀ + U dṠ_{c+1}ᵀ`` and the ``Σ S ⊙ dS`` tangent) in a second loop over ``V`` after ``dQ̇`` is
-    stored, so fewer accumulators are alive at once."""
+    block), else by :func:`dv_local_tangent_kernel`."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -339,9 +295,14 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
         if USE_G and not LOAD_GM:
             b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
-        if not LOOPS2:
-            b_tdkt, b_dkt, b_hdh, b_thdh = _tdk_terms(dHs, tdHs, h_ptr, b_h, b_th, b_u, b_tu, b_tdkt, b_dkt, b_hdh,
-                                                      b_thdh, o_k, m_k, V, o_v, m_v, USE_G, LOAD_GM, DOT, PREC)
+        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
+        if USE_G:
+            if not LOAD_GM:
+                b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+                b_hdh += tl.sum(b_h * b_dh, 1)
+            b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
     store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
@@ -370,17 +331,6 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
             tpp = _gate_pp_tangent(b_dpm, b_tdpm, mm(b_q, tl.trans(b_k), DOT, PREC),
                                    mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), own)
     b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
-    if LOOPS2:
-        for i_v in range(tl.cdiv(V, BVB)):
-            o_v = i_v * BVB + tl.arange(0, BVB)
-            m_v = o_v < V
-            b_tdkt, b_dkt, b_hdh, b_thdh = _tdk_terms(
-                dHs, tdHs, h_ptr, load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v),
-                load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v), load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v),
-                load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v), b_tdkt, b_dkt, b_hdh, b_thdh, o_k, m_k, V,
-                o_v, m_v, USE_G, LOAD_GM, DOT, PREC)
-        b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-        b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
         if LOAD_GM:
             b_dkt = load_rows(GK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
@@ -636,8 +586,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
         warps, bkb, bvb = tangent_launch(c, "dv", q.dtype, gate is not None)
         launch(dv_local_tangent_kernel, (NC, B * H), q, k, G, do, tq, tk, tG, tdUl, U, tU,
                tdG1[nkb] if pp_dv else tdUl, kd, tkd, tqd, scale, T, N, BQ=c["BQ"], BKB=bkb, BVB=bvb,
-               GATE_PP=pp_dv, DECAYED=decayed, KEYS=decayed and keys is None,
-               PP_FIRST=pp_dv and TUNING.on("gate_pp_first", q.dtype), num_warps=warps, **common)
+               GATE_PP=pp_dv, DECAYED=decayed, KEYS=decayed and keys is None, num_warps=warps, **common)
     tdHs = alloc(*Hs.shape, device=dev, dtype=Hs.dtype)
     tdU = alloc(B, H, N, V, device=dev, dtype=mid)
     tdh0 = alloc(B, H, K, V, device=dev, dtype=f32) if h0 is not None else None
@@ -653,8 +602,7 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if load_gm else (tdW,) * 3
     launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
            tdk_part, tdW, tdG1 if gate is not None else tdW, gq, gk, gh, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd,
-           BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, LOOPS2=gate is not None and TUNING.on("gate_dqkw_loops", q.dtype),
-           num_warps=warps, **common)
+           BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

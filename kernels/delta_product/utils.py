@@ -291,8 +291,6 @@ class Tuning:
     gate_pp_dv: str = "on"
     gate_tiles_dv: str = "f32"
     gate_keys_prep: str = "f32"
-    gate_dqkw_loops: str = "off"
-    gate_pp_first: str = "off"
 
     def kernel_prec(self, kernel: str, prec: str) -> str:
         """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
@@ -407,8 +405,7 @@ class Tuning:
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
-                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep",
-                                          "gate_dqkw_loops", "gate_pp_first")),
+                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),

@@ -275,8 +275,9 @@ def test_tuning_spec_is_validated():
     assert Tuning().kernel_tile("prep", torch.bfloat16) == 128 and Tuning().kernel_tile("dqkw", torch.float32) == 32
     assert Tuning().update("block=16").wy_tile(torch.bfloat16) == 16
     assert Tuning().update("warps_prep=8").prep_warps(torch.bfloat16) == 8
-    assert Tuning().on("gate_keys_prep", torch.float32) and not Tuning().on("gate_keys_prep", torch.bfloat16)
-    for refused in ("tile_wy=48", "tile_dqkw=48", "gate_mids=yes", "gate_keys_prep=1", "block=8",
+    for knob in ("gate_keys_prep", "gate_dqkw_split"):
+        assert Tuning().on(knob, torch.float32) and not Tuning().on(knob, torch.bfloat16)
+    for refused in ("tile_wy=48", "tile_dqkw=48", "gate_mids=yes", "gate_keys_prep=1", "gate_dqkw_split=2", "block=8",
                     "warps_dual=16", "bv_dual=16",  # 16: illegal memory access (float32)
                     "hvp_mode=twice", "wy_late=yes", "stages_scan=0", "stages=5",
                     "stages_dh=5", "stages_dual=5", "fuse_out=1", "bv_fused=48", "tangent_tiles=yes", "fuse_min_programs=-1",

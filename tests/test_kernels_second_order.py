@@ -271,7 +271,8 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     tangent of the gate's ``dP ⊙ P`` terms (``gate_pp_dv``) and the tangent scan's gated tiles (``gate_tiles_dv``),
     whose decayed keys ``prep_tangent`` stores for both tangent scans (``gate_keys_prep``): here all four in float32
     and in the bf16 cases of ``wy_split = "on"``, none in the float32 case of ``"off"`` nor in the other bf16
-    case."""
+    case. With an initial state ``dqkw_tangent`` runs as two launches, its state side and then its query side
+    (``gate_dqkw_split``), else as one."""
     monkeypatch.setattr(TUNING, "hvp_mode", "dual")
     monkeypatch.setattr(TUNING, "tangent_gate", True)
     monkeypatch.setattr(TUNING, "block_dual", block)
@@ -279,6 +280,7 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     monkeypatch.setattr(TUNING, "tangent_tiles", "bf16" if T % 20 == 0 else "off")
     for knob in ("gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep"):
         monkeypatch.setattr(TUNING, knob, {"on": "on", "off": "off"}.get(wy_split, "f32"))
+    monkeypatch.setattr(TUNING, "gate_dqkw_split", "on" if h0 else "off")
     calls = []
     for name in ("chunk_fwd_tangent", "chunk_bwd_tangent"):
         _spy(monkeypatch, chunk_module, name, calls,

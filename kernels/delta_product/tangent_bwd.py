@@ -254,16 +254,22 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
 
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, GQ, GK, GH,
-                        scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr, CT: tl.constexpr,
-                        BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
-                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, GATE_PP: tl.constexpr, DOT: tl.constexpr,
-                        PREC: tl.constexpr):
+                        TDK, scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
+                        CT: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
+                        USE_G: tl.constexpr, LOAD_GM: tl.constexpr, GATE_PP: tl.constexpr, SIDE: tl.constexpr,
+                        DOT: tl.constexpr, PREC: tl.constexpr):
     """One program per (key block, chunk, batch·head). With a gate, the tangents of ``dQ = diag(e^{G_q}) dO Sᵀ +
     (dP ⊙ M ⊙ E) K``, ``dK ⊇ (dP ⊙ M ⊙ E)ᵀ Q + K̃``'s term and of this key block's ``dG`` terms
     (:func:`~kernels.delta_product.chunk_bwd.gate_cotangent`), which also need ``dO Sᵀ``, ``U dS_{c+1}ᵀ`` and
     ``Σ S ⊙ dS_{c+1}``: formed here, or with ``LOAD_GM`` read from ``GQ, GK, GH``, where the primal ``dqkw``
     stored them (``Tuning.gate_mids``). ``GATE_PP``: the ``dP ⊙ P`` terms' tangent is formed here (per key
-    block), else by :func:`dv_local_tangent_kernel`."""
+    block), else by :func:`dv_local_tangent_kernel`.
+
+    ``SIDE`` (with a gate, ``Tuning.gate_dqkw_split``): 0, every term; 1, the state side alone: ``dẆ``, ``dK̇ ⊇ U̇ dS_{c+1}ᵀ +
+    U dṠ_{c+1}ᵀ`` (with a gate through ``K̃``) stored in float32 at ``TDK``, and the ``dĠ`` terms of ``K̃`` and
+    ``Σ S ⊙ dS_{c+1}``; 2, the query side alone: ``dQ̇``, the rest of ``dK̇`` (added to ``TDK``'s part) and the ``dĠ``
+    terms of ``dO Sᵀ ⊙ Q`` (and ``dP ⊙ P``). The two launches hold two and three accumulators, where one holds
+    five."""
     i_kb, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     o_i, n_i, m_i, tok_i = steps(i_c, N, NH, CT, BT)
@@ -285,67 +291,80 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         m_v = o_v < V
         b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
-                  + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
         b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
         b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
-        b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
-        b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
-        b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
-        if USE_G and not LOAD_GM:
-            b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
-        b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
-        b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
-        if USE_G:
-            if not LOAD_GM:
-                b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
-                b_hdh += tl.sum(b_h * b_dh, 1)
-            b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
-    store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
+        if SIDE != 2:
+            b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
+                      + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
+        if SIDE != 1:
+            b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
+            b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
+            b_tdp += mm(b_do, tl.trans(b_tu), DOT, PREC)
+            b_tdqa += mm(b_do, tl.trans(b_th), DOT, PREC)
+            if USE_G and not LOAD_GM:
+                b_dqa += mm(b_do, tl.trans(b_h), DOT, PREC)
+        if SIDE != 2:
+            b_dh = load_rows(dHs + h_ptr, o_k, m_k, V, o_v, m_v)
+            b_tdh = load_rows(tdHs + h_ptr, o_k, m_k, V, o_v, m_v)
+            b_tdkt += mm(b_tu, tl.trans(b_dh), DOT, PREC) + mm(b_u, tl.trans(b_tdh), DOT, PREC)
+            if USE_G:
+                if not LOAD_GM:
+                    b_dkt += mm(b_u, tl.trans(b_dh), DOT, PREC)
+                    b_hdh += tl.sum(b_h * b_dh, 1)
+                b_thdh += tl.sum(b_th * b_dh + b_h * b_tdh, 1)
+    if SIDE != 2:
+        store_rows(tdW + i_bh * N * K, b_tdw, n_i, m_i, K, o_k, m_k)
     m_s = causal_mask(o_t, m_t, o_i, m_i, NH)
     b_q = load_rows(q + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    # dẆ above, then dQ̇, dK̇ and the gate's terms, each stored when formed (fewer tiles alive at once)
     if USE_G:
-        if LOAD_GM:
-            b_dqa = load_rows(GQ + i_bh * T * K, t_t, m_t, K, o_k, m_k)
-        g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
         g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-        b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
-        a_t = exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t)
-        b_tdq = exp_tangent(b_dqa, b_tdqa, g_t[:, None], tg_t[:, None])
-    else:
-        b_dpm = tl.where(m_s, b_dp, 0.0)
-        b_tdpm = tl.where(m_s, b_tdp, 0.0)
-        b_tdq = b_tdqa
-    b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
-    store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
-    if USE_G:  # dṖ ⊙ P + dP ⊙ Ṗ, this key block, as its row and column sums
         own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-        tpp = 0.0
-        if GATE_PP:
-            tpp = _gate_pp_tangent(b_dpm, b_tdpm, mm(b_q, tl.trans(b_k), DOT, PREC),
-                                   mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), own)
-    b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
-    if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
-        if LOAD_GM:
-            b_dkt = load_rows(GK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
-            b_hdh = tl.load(GH + (i_bh * NC + i_c) * K + o_k, mask=m_k, other=0.0)
-        g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
-        a_i, ta_i = g_l - g_i, tg_l - tg_i
-        b_tdkk = tl.where(o_i // NH == t_last, 0.0,
-                          exp_tangent(tl.sum(b_dkt * b_k, 1), tl.sum(b_tdkt * b_k + b_dkt * b_tk, 1), a_i, ta_i))
-        b_tdk += exp_tangent(b_dkt, b_tdkt, a_i[:, None], ta_i[:, None])
-        tdg = gate_cotangent(a_t, 0.0, 0.0, b_tdkk,
-                             exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l), own, o_t, t_last)
-        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, tdg + tpp, mask=m_t)
+    a_t = 0.0  # the query side's dĠ terms per token
+    b_tdk = tl.zeros([BT, BKB], dtype=tl.float32)
+    # dẆ above, then dQ̇, dK̇ and the gate's terms, each stored when formed (fewer tiles alive at once)
+    if SIDE != 1:
+        if USE_G:
+            if LOAD_GM:
+                b_dqa = load_rows(GQ + i_bh * T * K, t_t, m_t, K, o_k, m_k)
+            g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
+            b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
+            a_t = exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t)
+            b_tdq = exp_tangent(b_dqa, b_tdqa, g_t[:, None], tg_t[:, None])
+        else:
+            b_dpm = tl.where(m_s, b_dp, 0.0)
+            b_tdpm = tl.where(m_s, b_tdp, 0.0)
+            b_tdq = b_tdqa
+        b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
+        store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
+        if USE_G and GATE_PP:  # dṖ ⊙ P + dP ⊙ Ṗ, this key block, as its row and column sums
+            a_t += _gate_pp_tangent(b_dpm, b_tdpm, mm(b_q, tl.trans(b_k), DOT, PREC),
+                                    mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), own)
+        b_tdk = mm(tl.trans(b_tdpm), b_q, DOT, PREC) + mm(tl.trans(b_dpm), b_tq, DOT, PREC)
+        if SIDE == 2:
+            b_tdk += load_rows(TDK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
+    if SIDE != 2:
+        if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
+            if LOAD_GM:
+                b_dkt = load_rows(GK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
+                b_hdh = tl.load(GH + (i_bh * NC + i_c) * K + o_k, mask=m_k, other=0.0)
+            g_l, tg_l = gate_end_at(G, tG, i_b, i_c, i_h, T, H, CT)
+            a_i, ta_i = g_l - g_i, tg_l - tg_i
+            b_tdkk = tl.where(o_i // NH == t_last, 0.0,
+                              exp_tangent(tl.sum(b_dkt * b_k, 1), tl.sum(b_tdkt * b_k + b_dkt * b_tk, 1), a_i, ta_i))
+            b_tdk += exp_tangent(b_dkt, b_tdkt, a_i[:, None], ta_i[:, None])
+            a_t = gate_cotangent(a_t, 0.0, 0.0, b_tdkk, exp_tangent(tl.sum(b_hdh, 0), tl.sum(b_thdh, 0), g_l, tg_l),
+                                 own, o_t, t_last)
+        else:
+            b_tdk += b_tdkt
+    if USE_G:
+        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, a_t, mask=m_t)
+    if SIDE == 1:
+        store_rows(TDK + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
     else:
-        b_tdk += b_tdkt
-    store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
+        store_rows(tdk + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
 
 
 @triton.jit
@@ -576,7 +595,8 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     bkd = min(c["BK"], TUNING.bk_dqkw)
     nkb = cdiv(K, bkd)
     pp_dv = gate is not None and TUNING.on("gate_pp_dv", q.dtype)  # the gate's dP ⊙ P terms in dv_local_tangent
-    tdG1 = alloc(nkb + pp_dv, B, T, H, device=dev, dtype=f32) if gate is not None else None
+    sides = gate is not None and TUNING.on("gate_dqkw_split", q.dtype)  # dqkw_tangent as two launches
+    tdG1 = alloc(nkb * (1 + sides) + pp_dv, B, T, H, device=dev, dtype=f32) if gate is not None else None
     decayed = gate is not None and TUNING.on("gate_tiles_dv", q.dtype)  # the scan's gated tiles stored by dv
     kd, tkd, tqd = k, tk, tq
     if decayed:
@@ -600,9 +620,17 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
     load_gm = gate is not None and gm.numel() > 0
     gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if load_gm else (tdW,) * 3
-    launch(dqkw_tangent_kernel, (nkb, NC, B * H), q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq,
-           tdk_part, tdW, tdG1 if gate is not None else tdW, gq, gk, gh, scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd,
-           BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, num_warps=warps, **common)
+    args = (q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk_part, tdW)
+    if sides:  # the state side, then the query side (SIDE 1, 2)
+        tdk_state = alloc(B, H, N, K, device=dev, dtype=f32)
+        for side, slots in ((1, tdG1[nkb + pp_dv:]), (2, tdG1)):
+            w, _, bv = tangent_launch(c, f"dqkw_{'state' if side == 1 else 'query'}", q.dtype, gate is not None)
+            launch(dqkw_tangent_kernel, (nkb, NC, B * H), *args, slots, gq, gk, gh, tdk_state, scale, T, N, NC, B,
+                   BQ=c["BQ"], BKB=bkd, BVB=bv, LOAD_GM=load_gm, GATE_PP=not pp_dv, SIDE=side, num_warps=w, **common)
+    else:
+        launch(dqkw_tangent_kernel, (nkb, NC, B * H), *args, tdG1 if gate is not None else tdW, gq, gk, gh, tdW,
+               scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, SIDE=0,
+               num_warps=warps, **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)

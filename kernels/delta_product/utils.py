@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0),
-                  "wy": (4, 0.25), "wy_cols": (4, 0.5)}
+                  "dqkw_state": (4, 1.0), "dqkw_query": (4, 1.0), "wy": (4, 0.25), "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` (8 warps and half tiles then;
 #: below); ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
 #: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a);
@@ -46,8 +46,8 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: took 2.33 against 3.72 ms. ``dqkw`` at 4 warps and quarter tiles since ``Tuning.trunc_split`` (session 23 sweep,
 #: ``kernels_tangent_launch_tf32x3t.json``): 2.58 / 2.41 / 3.43 against 3.18 / 3.75 / 5.60 ms at 8 warps and half
 #: tiles (n_h = 1 / 2 / 3)
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "out": (4, 0.5), "dv": (4, 0.5),
-                      "wy": (4, 0.5)}
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "dqkw_state": (4, 0.25),
+                      "dqkw_query": (8, 0.25), "out": (4, 0.5), "dv": (4, 0.5), "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: as without a gate; at half tiles 1.77 ms
@@ -59,7 +59,8 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "ou
 #: at 4 warps and quarter tiles, 5.56 / 8.12 against 6.39 / 10.02 ms at 8 warps (n_h = 2 / 3), but ``dqkw_full`` at
 #: 8 warps (5.75 against 8.38 ms at n_h = 1); ``wy`` at half tiles as without a gate (1.06 / 1.99 / 3.05 against
 #: 1.12 / 2.12 / 3.24 ms at quarter tiles)
-TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dv": (4, 0.5)}
+TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dqkw_state": (4, 0.25),
+                       "dqkw_query": (4, 0.25), "dqkw_query_full": (8, 0.25), "dv": (4, 0.5)}
 TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw_full": (8, 0.25)}
 
 
@@ -243,6 +244,13 @@ class Tuning:
             1.50) for ``prep_tangent`` 0.72 → 0.81 (2.14 → 2.52), the gated HVP 1.0–1.9 % faster in two runs; bf16
             6.4–6.8 % slower (its scan reads float32 keys in place of bf16 ones), so off
             (``benchmarks/results/kernels_knobs_keys_prep_*.json``).
+        gate_dqkw_split: with a gate, ``dqkw_tangent`` as two launches: the state side (``dẆ``, ``U̇ dS_{c+1}ᵀ + U
+            dṠ_{c+1}ᵀ`` and their gate terms; two accumulators, ``dqkw_state`` of the launch tables), then the query
+            side (``dP``, ``dṖ``, ``dO Ṡᵀ``; three accumulators, ``dqkw_query``), which adds its ``dK̇`` to the state
+            side's (float32). ``"on"``, ``"off"``, ``"f32"`` (default) or ``"bf16"``. On an H100 at (4, 4096, 16,
+            128), gated float32, state side at 4 warps and query side at 8: ``dqkw_tangent`` 4.38 → 3.45 ms at n_h =
+            1 (6.44 → 5.80 at n_h = 3), the HVP 4.7 / 2.3 / 1.3 % faster at n_h = 1 / 2 / 3; without a gate slower
+            (float32 0–3 %, bf16 3–6 %: ``benchmarks/results/kernels_knobs_dqkw_split_*.json``).
     """
 
     inverse: str = "tiles"
@@ -291,6 +299,7 @@ class Tuning:
     gate_pp_dv: str = "on"
     gate_tiles_dv: str = "f32"
     gate_keys_prep: str = "f32"
+    gate_dqkw_split: str = "f32"
 
     def kernel_prec(self, kernel: str, prec: str) -> str:
         """``input_precision`` of the matmuls of ``kernel`` (a name of :data:`KERNELS`) where the launch's is
@@ -329,7 +338,7 @@ class Tuning:
     def on(self, knob: str, dtype: torch.dtype) -> bool:
         """Whether the ``"on"`` / ``"off"`` / ``"f32"`` / ``"bf16"`` field ``knob`` (``fuse_out``, ``fuse_dv``,
         ``tangent_tiles``, ``wy_late``, ``dqkw_split``, ``wy_split``, ``scan_split``, ``gate_mids``, ``gate_pp_dv``,
-        ``gate_tiles_dv``, ``gate_keys_prep``) holds for inputs of ``dtype``."""
+        ``gate_tiles_dv``, ``gate_keys_prep``, ``gate_dqkw_split``) holds for inputs of ``dtype``."""
         return _by_dtype(getattr(self, knob), dtype)
 
     def fuses_out(self, dtype: torch.dtype, programs: int) -> bool:
@@ -405,7 +414,8 @@ class Tuning:
         for name, allowed in (("inverse", ("packed", "tiles")), ("bwd_store", ("f32", "input")),
                               *((n, ("f32", "bf16", "on", "off"))
                                 for n in ("wy_late", "scan_split", "wy_split", "dqkw_split", "fuse_out", "fuse_dv",
-                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep")),
+                                          "gate_mids", "gate_pp_dv", "gate_tiles_dv", "gate_keys_prep",
+                                          "gate_dqkw_split")),
                               ("tangent_tiles", ("bf16", "off")),  # float32 tiles: an illegal memory access
                               ("gate_dk", ("input", "split")),
                               ("composed_inverse", ("solve", "kernel")), ("hvp_mode", ("dual", "rev_rev", "fwd_rev")),

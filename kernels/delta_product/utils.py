@@ -35,7 +35,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 #: ``wy_cols`` (the second kernel of ``Tuning.wy_split``) is not tuned on a GPU: at 4 warps and half tiles float32
 #: spills 112–128 bytes a thread (8 warps and quarter tiles: 0–88, not timed)
 TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4, 1.0), "dqkw": (4, 1.0),
-                  "dqkw_state": (4, 1.0), "dqkw_query": (4, 1.0), "wy": (4, 0.25), "wy_cols": (4, 0.5)}
+                  "wy": (4, 0.25), "wy_cols": (4, 0.5)}
 #: the same for float32 inputs (``kernels_tangent_launch_float32.json``): ``dqkw`` (8 warps and half tiles then;
 #: below); ``wy`` at half tiles (32 columns); ``out`` (not in that run: the HVP skips it) at half tiles, where its
 #: key loop spills 32 bytes a thread instead of 600 (``benchmarks/kernels_resources.py``, compiled for sm_90a);
@@ -46,8 +46,8 @@ TANGENT_LAUNCH = {"prep": (4, 0.5), "scan": (8, 1.0), "out": (4, 1.0), "dv": (4,
 #: took 2.33 against 3.72 ms. ``dqkw`` at 4 warps and quarter tiles since ``Tuning.trunc_split`` (session 23 sweep,
 #: ``kernels_tangent_launch_tf32x3t.json``): 2.58 / 2.41 / 3.43 against 3.18 / 3.75 / 5.60 ms at 8 warps and half
 #: tiles (n_h = 1 / 2 / 3)
-TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "dqkw_state": (4, 0.25),
-                      "dqkw_query": (8, 0.25), "out": (4, 0.5), "dv": (4, 0.5), "wy": (4, 0.5)}
+TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "out": (4, 0.5), "dv": (4, 0.5),
+                      "wy": (4, 0.5)}
 #: with a gate (its terms add accumulators), bf16: the fastest per kernel in the sweep with 16-bit backward
 #: intermediates (``kernels_tangent_launch_gate_store.json``, H100, n_h = 2): ``dqkw`` 2.06 ms at 4 warps and quarter
 #: tiles against 2.27 at 8, ``dv`` 0.21 at half tiles against 0.25 (``wy``: as without a gate; at half tiles 1.77 ms
@@ -59,9 +59,14 @@ TANGENT_LAUNCH_F32 = {**TANGENT_LAUNCH, "scan": (4, 1.0), "dqkw": (4, 0.25), "dq
 #: at 4 warps and quarter tiles, 5.56 / 8.12 against 6.39 / 10.02 ms at 8 warps (n_h = 2 / 3), but ``dqkw_full`` at
 #: 8 warps (5.75 against 8.38 ms at n_h = 1); ``wy`` at half tiles as without a gate (1.06 / 1.99 / 3.05 against
 #: 1.12 / 2.12 / 3.24 ms at quarter tiles)
-TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dqkw_state": (4, 0.25),
-                       "dqkw_query": (4, 0.25), "dqkw_query_full": (8, 0.25), "dv": (4, 0.5)}
-TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw_full": (8, 0.25)}
+#: ``dqkw_state`` and ``dqkw_query``: the two launches of ``dqkw_tangent`` under ``Tuning.gate_dqkw_split``. Gated float32
+#: on an H100 (session 26, ``kernels_knobs_dqkw_split_*.json``): the state side at 4 warps (0 bytes of spills, against 0
+#: at 8, where both sides at 8 warps took the HVP 0.3–5.4 % above one launch); the query side at 4 warps, 3.60 / 5.01 ms
+#: for both launches against 3.96 / 5.80 with it at 8 (n_h = 2 / 3), but at 8 with a full chunk of queries (n_h = 1:
+#: 3.45 ms, against 4.38 for one launch; at 4 warps it spills 2 KB a thread, not timed)
+_DQKW_SIDES = {"dqkw_state": (4, 0.25), "dqkw_query": (4, 0.25), "dqkw_query_full": (8, 0.25)}
+TANGENT_LAUNCH_GATE = {**TANGENT_LAUNCH, "dqkw": (4, 0.25), "dqkw_full": (8, 0.25), "dv": (4, 0.5), **_DQKW_SIDES}
+TANGENT_LAUNCH_GATE_F32 = {**TANGENT_LAUNCH_F32, "dqkw_full": (8, 0.25), **_DQKW_SIDES}
 
 
 #: the fused kernels, by their names without ``_kernel``

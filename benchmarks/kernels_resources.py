@@ -19,7 +19,9 @@ shown to change nothing the GPU runs, and timings and checks of one tree hold fo
 A kernel that compiles here may still fail on a GPU at run time (an illegal memory access is not a
 compile-time error), and registers do not give times: this is a check before a GPU run, not instead.
 
-With ``--opcodes`` each row also counts the kernel's SASS instructions by opcode (``cuobjdump -sass``).
+With ``--opcodes`` each row also counts the kernel's SASS instructions by opcode (``cuobjdump -sass``) and gives
+``sass_code``, a hash of those instructions with the kernel-parameter offsets left out: two builds that differ only in
+their parameter list (an unused pointer argument added) give the same ``sass_code``.
 
     python benchmarks/kernels_resources.py [--dtypes bfloat16 float32] [--nh 1 2 3] [--gates off on] [--D 128]
         [--opcodes]
@@ -101,6 +103,14 @@ def sass_opcodes(cubin: bytes) -> dict[str, int]:
     return dict(ops.most_common())
 
 
+def sass_code(cubin: bytes) -> str:
+    """A hash of the SASS instructions of a cubin with their kernel-parameter offsets (``c[0x0][...]``) left out:
+    equal for two builds that differ only in the parameter list (a pointer argument added or moved)."""
+    lines = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+([^;]*);", cuobjdump(cubin, "-sass"), re.M)
+    text = "\n".join(re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[0x0][*]", line.strip()) for line in lines)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def cubin_usage(cubin: bytes, name: str) -> dict:
     """Registers per thread and stack frame bytes (spills) of the function ``name`` in a cubin, by
     ``cuobjdump -res-usage``."""
@@ -132,7 +142,7 @@ class Compiler:
                               fits=ck.metadata.shared <= MAX_SHARED, compile_s=round(time.time() - start, 1),
                               code=code_hash(ck.asm["ptx"]), **cubin_usage(ck.asm["cubin"], name)))
         if self.opcodes:
-            self.rows[-1]["sass"] = sass_opcodes(ck.asm["cubin"])
+            self.rows[-1].update(sass=sass_opcodes(ck.asm["cubin"]), sass_code=sass_code(ck.asm["cubin"]))
 
 
 def compile_all(dtype: torch.dtype, n_h: int, gate: bool, D: int, opcodes: bool = False) -> list[dict]:

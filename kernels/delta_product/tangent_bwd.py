@@ -252,6 +252,12 @@ def scan_dh_tangent_kernel(q, k, G, W, dO, dHs, dU, tq, tk, tG, tW, tdUl, tdHs, 
     group_end(Sum, tdH0, STORE_DH0, b_tdh, b_tdh2, i_g, i_bh, NG, o_k, m_k, o_v, m_v, K, V, BK, SPLIT, True, SUMMARY)
 
 
+@triton.jit
+def _u_rows(U, tU, u_ptr, n_i, m_i, V, o_v, m_v):
+    """``U`` and ``U̇`` at the micro-steps ``n_i`` and value columns ``o_v``."""
+    return load_rows(U + u_ptr, n_i, m_i, V, o_v, m_v), load_rows(tU + u_ptr, n_i, m_i, V, o_v, m_v)
+
+
 @triton.jit(do_not_specialize=["T", "N", "NC", "H", "B"])
 def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk, tdW, tdG, GQ, GK, GH,
                         TDK, scale, T, N, NC, B, H, K: tl.constexpr, V: tl.constexpr, NH: tl.constexpr,
@@ -291,11 +297,13 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         m_v = o_v < V
         b_h = load_rows(Hs + h_ptr, o_k, m_k, V, o_v, m_v)
         b_th = load_rows(tHs + h_ptr, o_k, m_k, V, o_v, m_v)
+        if SIDE != 0:  # the two launches load U, U̇ first (the faster order there, not in one launch)
+            b_u, b_tu = _u_rows(U, tU, i_bh * N * V, n_i, m_i, V, o_v, m_v)
         if SIDE != 2:
             b_tdw -= (mm(load_rows(tdU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_h), DOT, PREC)
                       + mm(load_rows(dU + i_bh * N * V, n_i, m_i, V, o_v, m_v), tl.trans(b_th), DOT, PREC))
-        b_u = load_rows(U + i_bh * N * V, n_i, m_i, V, o_v, m_v)
-        b_tu = load_rows(tU + i_bh * N * V, n_i, m_i, V, o_v, m_v)
+        if SIDE == 0:
+            b_u, b_tu = _u_rows(U, tU, i_bh * N * V, n_i, m_i, V, o_v, m_v)
         if SIDE != 1:
             b_do = load_rows(dO + i_h * V, i_b * T + t_t, m_t, H * V, o_v, m_v)
             b_dp += mm(b_do, tl.trans(b_u), DOT, PREC)
@@ -319,14 +327,19 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
     b_tq = load_rows(tq + i_h * K, i_b * T + t_t, m_t, H * K, o_k, m_k) * scale
     b_k = load_rows(k + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
     b_tk = load_rows(tk + i_h * K, i_b * N + n_i, m_i, H * K, o_k, m_k)
-    a_t = 0.0  # the dĠ terms per token
+    if USE_G and SIDE != 0:  # the two launches take G at the micro-steps and the tokens' micro-steps first
+        g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+        own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
+    a_t = 0.0  # the dĠ terms per token, but those of dP ⊙ P
+    tpp = 0.0
     # dẆ above, then dQ̇, dK̇ and the gate's terms, each stored when formed (fewer tiles alive at once)
     if SIDE != 1:
         if USE_G:
             if LOAD_GM:
                 b_dqa = load_rows(GQ + i_bh * T * K, t_t, m_t, K, o_k, m_k)
             g_t, tg_t = gate_at(G, tG, i_b, i_h, t_t, m_t, T, H)
-            g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
+            if SIDE == 0:
+                g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
             b_dpm, b_tdpm = gate_pair(b_dp, b_tdp, g_t, tg_t, g_i, tg_i, m_s)
             a_t = exp_tangent(tl.sum(b_dqa * b_q, 1), tl.sum(b_tdqa * b_q + b_dqa * b_tq, 1), g_t, tg_t)
             b_tdq = exp_tangent(b_dqa, b_tdqa, g_t[:, None], tg_t[:, None])
@@ -337,8 +350,8 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         b_tdq += mm(b_tdpm, b_k, DOT, PREC) + mm(b_dpm, b_tk, DOT, PREC)
         store_rows(tdq + i_h * K, b_tdq * scale, i_b * T + t_t, m_t, H * K, o_k, m_k)
         if USE_G:  # dṖ ⊙ P + dP ⊙ Ṗ, this key block, as its row and column sums
-            own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-            tpp = 0.0
+            if SIDE == 0:
+                own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
             if GATE_PP:
                 tpp = _gate_pp_tangent(b_dpm, b_tdpm, mm(b_q, tl.trans(b_k), DOT, PREC),
                                        mm(b_tq, tl.trans(b_k), DOT, PREC) + mm(b_q, tl.trans(b_tk), DOT, PREC), own)
@@ -347,10 +360,6 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
             b_tdk += load_rows(TDK + i_bh * N * K, n_i, m_i, K, o_k, m_k)
     else:
         b_tdk = tl.zeros([BT, BKB], dtype=tl.float32)
-        if USE_G:
-            g_i, tg_i = gate_at(G, tG, i_b, i_h, tok_i, m_i, T, H)
-            own, t_last = own_tokens(o_i, m_i, o_t, i_c, T, NH, CT)
-            tpp = 0.0
     if SIDE != 2:
         if USE_G:  # K̃ = diag(e^{a}) K with a = G_L − G: its row factors taken out of the sums
             if LOAD_GM:
@@ -366,7 +375,9 @@ def dqkw_tangent_kernel(q, k, G, Hs, dHs, U, dU, dO, tq, tk, tG, tHs, tdHs, tU, 
         else:
             b_tdk += b_tdkt
     if USE_G:
-        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, a_t + tpp, mask=m_t)
+        if SIDE == 0 or GATE_PP:
+            a_t += tpp
+        tl.store(tdG + ((i_kb * B + i_b) * T + t_t) * H + i_h, a_t, mask=m_t)
     store_rows((TDK if SIDE == 1 else tdk) + i_bh * N * K, b_tdk, n_i, m_i, K, o_k, m_k)
 
 

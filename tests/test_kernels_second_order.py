@@ -286,6 +286,9 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
         _spy(monkeypatch, chunk_module, name, calls,
              lambda *a, _n=name, **kw: (_n, kw.get("gate") is not None, _n == "chunk_bwd_tangent" and
                                         a[8][3].numel() > 0, kw.get("keys") is not None))
+    sides = []
+    _spy(monkeypatch, tangent_bwd, "launch", sides,
+         lambda kernel, *a, **kw: kw.get("SIDE") if kernel is tangent_bwd.dqkw_tangent_kernel else None)
     x = make_inputs(B=2, T=T, n_h=n_h, H=2, K=K, V=V, gate=True, initial_state=h0, correlated=True, seed=T + n_h)
 
     def kernel(**a):
@@ -296,6 +299,7 @@ def test_gated_tangent_kernels_all_orders(T, n_h, h0, K, V, dtype, block, wy_spl
     stored, keys = TUNING.on("gate_mids", dtype), TUNING.on("gate_keys_prep", dtype)
     assert sorted(calls) == ([("chunk_bwd_tangent", True, stored, keys)]
                              + [("chunk_fwd_tangent", True, False, False)] * 2), calls
+    assert [s for s in sides if s is not None] == ([1, 2] if h0 else [0]), sides
 
 
 @pytest.mark.parametrize("T, n_h, K, V, dtype, gate, groups", [

@@ -628,23 +628,23 @@ def chunk_bwd_tangent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, h0: Tensor 
                 tdh0 if tdh0 is not None else tdUl, scale, T, N, NC, BQ=c["BQ"], STORE_DH0=int(tdh0 is not None),
                 FUSE_DV=fuse, DECAYED=decayed, INTERPRET=c["INTERPRET"], **scan_launch(c, q.dtype, gate is not None),
                 **common)
-    warps, _, bvb = tangent_launch(c, "dqkw", q.dtype, gate is not None)
     tdq = alloc(*q.shape, device=dev, dtype=q.dtype)
     tdk_part = alloc(B, H, N, K, device=dev, dtype=mid)
     tdW = alloc(B, H, N, K, device=dev, dtype=mid)
     load_gm = gate is not None and gm.numel() > 0
     gq, gk, gh = gate_mid_views(gm, B, H, T, N, NC, K) if load_gm else (tdW,) * 3
     args = (q, k, G, Hs, dHs, U, dU, do, tq, tk, tG, tHs, tdHs, tU, tdU, tdq, tdk_part, tdW)
-    if sides:  # the state side, then the query side (SIDE 1, 2)
+    if sides:  # the state side, then the query side, which adds the state side's dK̇ part (float32)
         tdk_state = alloc(B, H, N, K, device=dev, dtype=f32)
-        for side, slots in ((1, tdG1[nkb + pp_dv:]), (2, tdG1)):
-            w, _, bv = tangent_launch(c, f"dqkw_{'state' if side == 1 else 'query'}", q.dtype, gate is not None)
-            launch(dqkw_tangent_kernel, (nkb, NC, B * H), *args, slots, gq, gk, gh, tdk_state, scale, T, N, NC, B,
-                   BQ=c["BQ"], BKB=bkd, BVB=bv, LOAD_GM=load_gm, GATE_PP=not pp_dv, SIDE=side, num_warps=w, **common)
+        parts = (("dqkw_state", 1, tdG1[nkb + pp_dv:]), ("dqkw_query", 2, tdG1))
     else:
-        launch(dqkw_tangent_kernel, (nkb, NC, B * H), *args, tdG1 if gate is not None else tdW, gq, gk, gh, tdW,
-               scale, T, N, NC, B, BQ=c["BQ"], BKB=bkd, BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, SIDE=0,
-               num_warps=warps, **common)
+        tdk_state = tdW  # placeholder, not read
+        parts = (("dqkw", 0, tdG1 if gate is not None else tdW),)
+    for name, side, slots in parts:
+        warps, _, bvb = tangent_launch(c, name, q.dtype, gate is not None)
+        launch(dqkw_tangent_kernel, (nkb, NC, B * H), *args, slots, gq, gk, gh, tdk_state, scale, T, N, NC, B,
+               BQ=c["BQ"], BKB=bkd, BVB=bvb, LOAD_GM=load_gm, GATE_PP=not pp_dv, SIDE=side, num_warps=warps,
+               **common)
     tdk = alloc(*k.shape, device=dev, dtype=k.dtype)
     tdv = alloc(*v.shape, device=dev, dtype=v.dtype)
     split = TUNING.on("wy_split", q.dtype)
